@@ -1,0 +1,15 @@
+"""HTTP blueprints: parsing, negotiation and headers; the protocol lives elsewhere."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from pixstream.api import health, problems, streams, util
+
+
+def init_app(app: Flask) -> None:
+    problems.init_app(app)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(streams.bp)
+    if app.config["UTIL_ROUTES"]:
+        app.register_blueprint(util.bp)

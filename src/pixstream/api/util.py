@@ -1,0 +1,19 @@
+"""Test-data route: insert random messages. Absent when PIXSTREAM_UTIL_ROUTES is false."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from pixstream.api.params import parse_count, parse_ispb
+from pixstream.generator import insert_random
+from pixstream.runtime import runtime
+
+bp = Blueprint("util", __name__, url_prefix="/api/util")
+
+
+@bp.post("/msgs/<ispb>/<number>")
+def insert_messages(ispb: str, number: str) -> tuple[Response, int]:
+    ispb = parse_ispb(ispb)
+    count = parse_count(number, current_app.config["UTIL_MAX_MESSAGES"])
+    inserted = insert_random(runtime().pool, ispb, count)
+    return jsonify(inserted=inserted), 201

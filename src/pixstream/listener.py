@@ -1,0 +1,137 @@
+"""One ``LISTEN pix_inserted`` connection per process, fanning wake-ups out to waiters.
+
+A waiting request registers an Event for its ISPB and sleeps on it; it holds
+no database connection and runs no query meanwhile. A notification only says
+"look again": the database stays the truth, so a spurious or merged wake-up is
+harmless, while a missed one would cost a whole long-poll window. Hence the
+rules below: register before the first claim, clear before each re-claim, and
+wake everyone whenever notifications may have been missed (on reconnect).
+
+Only ``threading`` primitives are used: under gunicorn's gevent worker they are
+monkey-patched into greenlet primitives, under the dev server they are threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "pix_inserted"
+
+
+class Listener:
+    """Own the LISTEN connection of this process; reconnect with backoff when it dies."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        probe_seconds: float = 10.0,
+        max_backoff_seconds: float = 2.0,
+    ) -> None:
+        self._conninfo = conninfo
+        self._probe_seconds = probe_seconds
+        self._max_backoff = max_backoff_seconds
+        self._waiters: defaultdict[str, set[threading.Event]] = defaultdict(set)
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        """True while LISTEN is in force, i.e. wake-ups are being delivered."""
+        return self._connected.is_set()
+
+    @property
+    def closing(self) -> bool:
+        """True once the process is shutting down: waiters should answer now."""
+        return self._closing.is_set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pixstream-listener", daemon=True)
+        self._thread.start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Wake every waiter for the last time and stop listening."""
+        self._closing.set()
+        self._wake_all()
+
+    @contextmanager
+    def subscribe(self, ispb: str) -> Iterator[threading.Event]:
+        """Yield an Event that is set whenever ``ispb`` may have new messages.
+
+        Enter this before the first claim: a commit landing between an empty
+        claim and the wait then sets the Event, and the wait returns at once.
+        """
+        event = threading.Event()
+        with self._lock:
+            self._waiters[ispb].add(event)
+        try:
+            yield event
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(ispb)
+                if waiters is not None:
+                    waiters.discard(event)
+                    if not waiters:
+                        del self._waiters[ispb]
+
+    def waiting(self) -> int:
+        with self._lock:
+            return sum(len(events) for events in self._waiters.values())
+
+    def _wake(self, ispb: str) -> None:
+        with self._lock:
+            events = list(self._waiters.get(ispb, ()))
+        for event in events:
+            event.set()
+
+    def _wake_all(self) -> None:
+        with self._lock:
+            events = [event for group in self._waiters.values() for event in group]
+        for event in events:
+            event.set()
+
+    def _run(self) -> None:
+        backoff = 0.05
+        first = True
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self._connected.set()
+                    if not first:
+                        self.reconnects += 1
+                        log.info("listener reconnected")
+                    first = False
+                    backoff = 0.05
+                    # Notifications sent while nobody listened are gone: everyone re-checks.
+                    self._wake_all()
+                    self._listen(conn)
+            except psycopg.Error as exc:
+                if not self._closing.is_set():
+                    log.warning("listener connection lost: %s", exc)
+            finally:
+                self._connected.clear()
+            self._closing.wait(backoff)
+            backoff = min(backoff * 2, self._max_backoff)
+
+    def _listen(self, conn: psycopg.Connection) -> None:
+        while not self._closing.is_set():
+            for notify in conn.notifies(timeout=self._probe_seconds):
+                self._wake(notify.payload)
+            # A quiet channel says nothing about the connection: probe it, so a
+            # dead socket is found within probe_seconds, not at the next insert.
+            conn.execute("SELECT 1")

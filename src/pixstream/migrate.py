@@ -1,0 +1,49 @@
+"""Apply the schema migrations: each file once, in order, in its own transaction.
+
+Every gunicorn worker and every host runs this at start-up, so the runner takes
+a PostgreSQL advisory lock: the first caller applies what is missing and the
+others wait, then find nothing left to do.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import psycopg
+
+from pixstream.sql import migrations
+
+log = logging.getLogger(__name__)
+
+_LOCK_KEY = 7242  # arbitrary, constant: pixstream's migration lock
+
+_CREATE_LEDGER = """
+CREATE TABLE IF NOT EXISTS pixstream_migration (
+    name        text PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
+def upgrade(conninfo: str) -> list[str]:
+    """Apply pending migrations; return the names applied by this call."""
+    applied_now: list[str] = []
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        # Session-level lock: held across the per-file transactions below.
+        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        try:
+            conn.execute(_CREATE_LEDGER)
+            done = {row[0] for row in conn.execute("SELECT name FROM pixstream_migration")}
+            for migration in migrations():
+                if migration.name in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(migration.sql)  # type: ignore[arg-type]
+                    conn.execute(
+                        "INSERT INTO pixstream_migration (name) VALUES (%s)", (migration.name,)
+                    )
+                log.info("applied migration %s", migration.name)
+                applied_now.append(migration.name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return applied_now

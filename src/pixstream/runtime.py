@@ -1,0 +1,109 @@
+"""Per-process resources: the pool, the listener, the sweeper and the stream service.
+
+They are built by the app factory but started lazily, on first use, which is
+always after gunicorn has forked the worker: nothing holding a socket or a
+thread crosses a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+from flask import Flask, current_app
+from psycopg_pool import ConnectionPool
+
+from pixstream import db
+from pixstream.errors import DatabaseUnavailable
+from pixstream.listener import Listener
+from pixstream.streams import Settings, StreamService
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "pixstream"
+
+
+class Runtime:
+    """Everything one server process shares between its requests."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.conninfo: str = config["DATABASE_URL"]
+        self._config = config
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._pool: ConnectionPool | None = None
+        self._listener: Listener | None = None
+        self._streams: StreamService | None = None
+
+    @property
+    def pool(self) -> ConnectionPool:
+        """The process's connection pool, opened on first use."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = db.make_pool(
+                    self.conninfo,
+                    max_size=self._config["POOL_SIZE"],
+                    timeout=self._config["POOL_TIMEOUT_SECONDS"],
+                )
+                self._pool.open(wait=False)
+            return self._pool
+
+    @property
+    def listener(self) -> Listener:
+        """The process's LISTEN connection (and the sweeper), started on first use."""
+        with self._lock:
+            if self._listener is None:
+                self._listener = Listener(self.conninfo)
+                self._listener.start()
+                threading.Thread(
+                    target=self._sweep_forever, name="pixstream-sweeper", daemon=True
+                ).start()
+            return self._listener
+
+    @property
+    def streams(self) -> StreamService:
+        """The stream service; starting it starts the pool and the listener."""
+        if self._streams is None:
+            config = self._config
+            self._streams = StreamService(
+                self.pool,
+                self.listener,
+                Settings(
+                    long_poll_seconds=config["LONG_POLL_SECONDS"],
+                    idle_seconds=config["STREAM_IDLE_SECONDS"],
+                    max_streams=config["MAX_STREAMS_PER_ISPB"],
+                    max_batch=config["MAX_BATCH"],
+                ),
+            )
+        return self._streams
+
+    def _sweep_forever(self) -> None:
+        """Expire abandoned streams even on ISPBs that nobody reads any more."""
+        period = self._config["SWEEP_SECONDS"]
+        # Jitter keeps the workers of a fleet from sweeping in lockstep.
+        while not self._stopping.wait(period * random.uniform(0.5, 1.5)):
+            try:
+                self.streams.sweep()
+            except DatabaseUnavailable as exc:
+                log.warning("sweep skipped: %s", exc)
+            except Exception:
+                log.exception("sweep failed")
+
+    def stop(self) -> None:
+        """Answer every waiting long poll now and stop background work."""
+        self._stopping.set()
+        if self._listener is not None:
+            self._listener.stop()
+        if self._pool is not None:
+            self._pool.close(timeout=1)
+
+
+def init_app(app: Flask) -> None:
+    app.extensions[EXTENSION] = Runtime(app.config)
+
+
+def runtime() -> Runtime:
+    """The current app's runtime."""
+    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]

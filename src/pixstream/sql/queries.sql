@@ -1,0 +1,118 @@
+-- Every statement pixstream runs, by name. store.py is the only caller.
+-- Parameters are psycopg named placeholders.
+
+-- name: lock_ispb
+-- Serialises count-and-create of streams per ISPB (held until commit), so that
+-- concurrent starts can never open more than the limit.
+SELECT pg_advisory_xact_lock(7243, %(ispb)s::integer);
+
+-- name: count_open_streams
+SELECT count(*) FROM pix_stream WHERE ispb = %(ispb)s AND closed_at IS NULL;
+
+-- name: insert_stream
+INSERT INTO pix_stream (ispb, current_pull) VALUES (%(ispb)s, %(pull)s) RETURNING id;
+
+-- name: insert_pull
+INSERT INTO pix_pull (id, stream_id, confirmed_at)
+VALUES (%(pull)s, %(stream_id)s, CASE WHEN %(confirmed)s THEN now() END);
+
+-- name: lock_stream_by_pull
+-- Row-locks the stream so that a request and its retry, or a request and the
+-- sweeper, decide one after the other.
+SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.closed_at IS NOT NULL AS closed,
+       s.last_seen_at < now() - make_interval(secs => %(idle_seconds)s) AS idle,
+       p.confirmed_at IS NOT NULL AS current_confirmed
+FROM pix_pull x
+JOIN pix_stream s ON s.id = x.stream_id
+JOIN pix_pull p ON p.id = s.current_pull
+WHERE x.id = %(pull)s
+FOR UPDATE OF s;
+
+-- name: confirm_pull
+UPDATE pix_pull SET confirmed_at = now() WHERE id = %(pull)s AND confirmed_at IS NULL;
+
+-- name: claim_batch
+-- The oldest queued messages of the ISPB, skipping rows another stream is
+-- claiming right now, bound to the pull they will be delivered with.
+WITH claimable AS (
+    SELECT id FROM pix_message
+    WHERE recipient_ispb = %(ispb)s AND pull_id IS NULL
+    ORDER BY id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE pix_message m
+    SET pull_id = %(pull)s, delivery_count = m.delivery_count + 1
+    FROM claimable
+    WHERE m.id = claimable.id
+    RETURNING m.id, m.delivery_count, pix_message_document(m) AS document
+)
+SELECT document, delivery_count > 1 AS redelivered FROM claimed ORDER BY id;
+
+-- name: batch_documents
+SELECT pix_message_document(m) FROM pix_message m WHERE m.pull_id = %(pull)s ORDER BY m.id;
+
+-- name: advance_stream
+UPDATE pix_stream
+SET current_pull = %(pull)s, replay_pull = %(replay)s, last_seen_at = now()
+WHERE id = %(stream_id)s;
+
+-- name: touch_stream
+UPDATE pix_stream SET last_seen_at = now() WHERE id = %(stream_id)s;
+
+-- name: supersede_replay
+-- The current pull was used: older ids are superseded from now on.
+UPDATE pix_stream SET replay_pull = NULL, last_seen_at = now() WHERE id = %(stream_id)s;
+
+-- name: close_stream
+UPDATE pix_stream SET closed_at = now(), close_reason = %(reason)s, last_seen_at = now()
+WHERE id = %(stream_id)s;
+
+-- name: release_pull
+-- Puts an unconfirmed batch back in the queue and wakes the ISPB's readers.
+WITH released AS (
+    UPDATE pix_message m SET pull_id = NULL
+    FROM pix_pull p
+    WHERE m.pull_id = %(pull)s AND p.id = %(pull)s AND p.confirmed_at IS NULL
+    RETURNING m.recipient_ispb
+)
+SELECT (SELECT count(*) FROM released) AS released,
+       (SELECT count(pg_notify('pix_inserted', ispb))
+        FROM (SELECT DISTINCT recipient_ispb AS ispb FROM released) AS recipients) AS notified;
+
+-- name: expire_idle_streams
+-- Streams nobody asked for within the idle window stop counting against the
+-- limit and give their unconfirmed batch back to the queue. Run lazily for one
+-- ISPB (at start and at claim) and by the periodic sweep for all (ispb NULL).
+-- SKIP LOCKED leaves a stream that a request is serving right now to that
+-- request, and keeps two expiries from waiting on each other.
+WITH idle AS (
+    SELECT id FROM pix_stream
+    WHERE closed_at IS NULL
+      AND (ispb = %(ispb)s OR %(ispb)s::text IS NULL)
+      AND last_seen_at < now() - make_interval(secs => %(idle_seconds)s)
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
+    FROM idle WHERE s.id = idle.id
+    RETURNING s.id, s.current_pull
+), released AS (
+    UPDATE pix_message m SET pull_id = NULL
+    FROM expired e JOIN pix_pull p ON p.id = e.current_pull AND p.confirmed_at IS NULL
+    WHERE m.pull_id = e.current_pull
+    RETURNING m.recipient_ispb
+)
+SELECT (SELECT count(*) FROM expired) AS streams,
+       (SELECT count(*) FROM released) AS released,
+       (SELECT count(pg_notify('pix_inserted', ispb))
+        FROM (SELECT DISTINCT recipient_ispb AS ispb FROM released) AS recipients) AS notified;
+
+-- name: copy_messages
+COPY pix_message (end_to_end_id, valor, payer_name, payer_cpf_cnpj, payer_ispb, payer_agencia,
+                  payer_conta, payer_tipo_conta, recipient_name, recipient_cpf_cnpj,
+                  recipient_ispb, recipient_agencia, recipient_conta, recipient_tipo_conta,
+                  campo_livre, tx_id, paid_at)
+FROM STDIN;
+
+-- name: ping
+SELECT 1;

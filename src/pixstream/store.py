@@ -1,0 +1,125 @@
+"""The only module that runs SQL. Every function takes the caller's connection:
+the caller owns the transaction, this module owns the statements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pixstream.sql import QUERIES
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRow:
+    """A stream as seen through one of its pull ids, row-locked for this transaction."""
+
+    id: int
+    ispb: str
+    current_pull: str
+    replay_pull: str | None
+    closed: bool
+    idle: bool
+    current_confirmed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A batch bound to a pull: message documents oldest first."""
+
+    documents: list[str]
+    redelivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    streams: int
+    released: int
+
+
+def _run(conn: psycopg.Connection, name: str, params: dict[str, Any] | None = None) -> Any:
+    return conn.execute(QUERIES[name], params)  # type: ignore[arg-type]
+
+
+def ping(conn: psycopg.Connection) -> None:
+    _run(conn, "ping")
+
+
+def open_stream(
+    conn: psycopg.Connection, ispb: str, pull: str, *, max_streams: int, idle_seconds: float
+) -> int | None:
+    """Open a stream whose first pull is ``pull``; None when the ISPB is at its limit."""
+    _run(conn, "lock_ispb", {"ispb": ispb})
+    expire_idle_streams(conn, idle_seconds=idle_seconds, ispb=ispb)
+    (open_count,) = _run(conn, "count_open_streams", {"ispb": ispb}).fetchone()
+    if open_count >= max_streams:
+        return None
+    (stream_id,) = _run(conn, "insert_stream", {"ispb": ispb, "pull": pull}).fetchone()
+    # The opening pull carries no batch: nothing to confirm.
+    _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "confirmed": True})
+    return int(stream_id)
+
+
+def lock_stream(conn: psycopg.Connection, pull: str, *, idle_seconds: float) -> StreamRow | None:
+    row = _run(conn, "lock_stream_by_pull", {"pull": pull, "idle_seconds": idle_seconds}).fetchone()
+    return None if row is None else StreamRow(*row)
+
+
+def confirm_pull(conn: psycopg.Connection, pull: str) -> None:
+    _run(conn, "confirm_pull", {"pull": pull})
+
+
+def claim_batch(conn: psycopg.Connection, ispb: str, pull: str, limit: int) -> Claimed:
+    rows = _run(conn, "claim_batch", {"ispb": ispb, "pull": pull, "limit": limit}).fetchall()
+    return Claimed([doc for doc, _ in rows], sum(1 for _, again in rows if again))
+
+
+def batch_documents(conn: psycopg.Connection, pull: str) -> list[str]:
+    return [doc for (doc,) in _run(conn, "batch_documents", {"pull": pull})]
+
+
+def advance_stream(conn: psycopg.Connection, stream_id: int, pull: str, replay: str) -> None:
+    """Make ``pull`` (whose batch was just claimed) current; a repeat of ``replay`` replays it."""
+    _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "confirmed": False})
+    _run(conn, "advance_stream", {"stream_id": stream_id, "pull": pull, "replay": replay})
+
+
+def touch_stream(conn: psycopg.Connection, stream_id: int) -> None:
+    """Record a request on the stream: it is not idle."""
+    _run(conn, "touch_stream", {"stream_id": stream_id})
+
+
+def supersede_replay(conn: psycopg.Connection, stream_id: int) -> None:
+    """The current pull was used: older ids answer 410 from now on."""
+    _run(conn, "supersede_replay", {"stream_id": stream_id})
+
+
+def close_stream(conn: psycopg.Connection, stream_id: int, reason: str) -> None:
+    _run(conn, "close_stream", {"stream_id": stream_id, "reason": reason})
+
+
+def release_pull(conn: psycopg.Connection, pull: str) -> int:
+    """Return an unconfirmed batch to the queue; the count of messages released."""
+    released, _ = _run(conn, "release_pull", {"pull": pull}).fetchone()
+    return int(released)
+
+
+def expire_idle_streams(
+    conn: psycopg.Connection, *, idle_seconds: float, ispb: str | None = None
+) -> Expiry:
+    streams, released, _ = _run(
+        conn, "expire_idle_streams", {"ispb": ispb, "idle_seconds": idle_seconds}
+    ).fetchone()
+    return Expiry(int(streams), int(released))
+
+
+def copy_messages(conn: psycopg.Connection, rows: Iterable[Sequence[Any]]) -> int:
+    """COPY rows (in ``generator.COLUMNS`` order) into pix_message; the count written."""
+    count = 0
+    with conn.cursor().copy(QUERIES["copy_messages"]) as copy:  # type: ignore[arg-type]
+        for row in rows:
+            copy.write_row(row)
+            count += 1
+    return count
