@@ -5,6 +5,9 @@ Every value can be overridden on the command line or with GUNICORN_CMD_ARGS.
 
 import multiprocessing
 import os
+import shutil
+import signal
+import tempfile
 
 # The Procfile convention: listen on $PORT, on every interface.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -19,11 +22,59 @@ _long_poll = float(os.environ.get("PIXSTREAM_LONG_POLL_SECONDS", 8))
 # Longer than any long poll, so that a waiting request is never taken for a hung worker.
 timeout = int(_long_poll) + 30
 graceful_timeout = int(_long_poll) + 5
-keepalive = 75
+# Collectors call again at once; a short keep-alive lets a stopping worker's
+# idle connections close well within graceful_timeout.
+keepalive = 5
 
 # Never preload: each worker must open its own pool and listener after fork,
 # and gevent must patch before psycopg is imported.
 preload_app = False
 
+# Several instances may share a host (and the tests start many): no control socket.
+control_socket_disable = True
+
 accesslog = "-"
-access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms'
+access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
+
+# Metrics: every worker writes to this directory, any worker answers a scrape.
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="pixstream-metrics-")
+
+
+def on_starting(server):
+    """Start from empty metric files: old workers' samples are not this run's."""
+    path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def post_worker_init(worker):
+    """On SIGTERM, answer waiting long polls at once (204 + Pull-Next), then drain."""
+    import gevent
+
+    from pixstream.runtime import EXTENSION
+
+    runtime = worker.wsgi.extensions[EXTENSION]
+    runtime.start()  # listen before the first request arrives
+    stop_accepting = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum, frame):
+        stop_accepting(signum, frame)
+        gevent.spawn(runtime.begin_shutdown)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def worker_exit(server, worker):
+    """Close the pool cleanly once the worker has drained."""
+    from pixstream.runtime import EXTENSION
+
+    app = getattr(worker, "wsgi", None)
+    if app is not None:
+        app.extensions[EXTENSION].stop()

@@ -28,6 +28,8 @@ DEFAULTS: dict[str, Any] = {
     "POOL_SIZE": 10,
     "POOL_TIMEOUT_SECONDS": 3,
     "SWEEP_SECONDS": 10,
+    "LOG_FORMAT": "text",
+    "LOG_LEVEL": "INFO",
 }
 
 
@@ -77,6 +79,15 @@ def validate(config: Config) -> None:
     if config["POOL_TIMEOUT_SECONDS"] >= config["LONG_POLL_SECONDS"] + 2:
         raise ConfigError(
             f"{_env_name('POOL_TIMEOUT_SECONDS')} must be shorter than the long-poll window"
+        )
+    if config["LOG_FORMAT"] not in ("text", "json"):
+        raise ConfigError(
+            f"{_env_name('LOG_FORMAT')} must be text or json, got {config['LOG_FORMAT']!r}"
+        )
+    if config["LOG_LEVEL"] not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            f"{_env_name('LOG_LEVEL')} must be DEBUG, INFO, WARNING or ERROR, "
+            f"got {config['LOG_LEVEL']!r}"
         )
     url = config["DATABASE_URL"]
     if url is not None and (not isinstance(url, str) or ("://" not in url and "=" not in url)):

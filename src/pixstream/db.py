@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from pixstream import metrics
 from pixstream.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
@@ -63,8 +64,18 @@ def transaction(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
     DatabaseUnavailable (503) instead of a hang or a 500.
     """
     try:
-        with pool.connection() as conn, conn.transaction():
-            yield conn
+        metrics.POOL_WAITING.inc()
+        try:
+            conn = pool.getconn()
+        finally:
+            metrics.POOL_WAITING.dec()
+        metrics.POOL_IN_USE.inc()
+        try:
+            with conn.transaction():
+                yield conn
+        finally:
+            pool.putconn(conn)
+            metrics.POOL_IN_USE.dec()
     except PoolTimeout as exc:
         raise DatabaseUnavailable("no database connection could be had in time") from exc
     except psycopg.OperationalError as exc:

@@ -15,15 +15,38 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
 
+from pixstream import metrics
+
 log = logging.getLogger(__name__)
 
 CHANNEL = "pix_inserted"
+
+
+class Wakeup:
+    """What a waiting read sleeps on; remembers when it was last woken."""
+
+    __slots__ = ("_event", "woken_at")
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.woken_at = 0.0
+
+    def set(self) -> None:
+        self.woken_at = time.monotonic()
+        self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        return self._event.wait(timeout)
+
+    def clear(self) -> None:
+        self._event.clear()
 
 
 class Listener:
@@ -39,7 +62,7 @@ class Listener:
         self._conninfo = conninfo
         self._probe_seconds = probe_seconds
         self._max_backoff = max_backoff_seconds
-        self._waiters: defaultdict[str, set[threading.Event]] = defaultdict(set)
+        self._waiters: defaultdict[str, set[Wakeup]] = defaultdict(set)
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._closing = threading.Event()
@@ -69,13 +92,13 @@ class Listener:
         self._wake_all()
 
     @contextmanager
-    def subscribe(self, ispb: str) -> Iterator[threading.Event]:
-        """Yield an Event that is set whenever ``ispb`` may have new messages.
+    def subscribe(self, ispb: str) -> Iterator[Wakeup]:
+        """Yield a Wakeup that is set whenever ``ispb`` may have new messages.
 
         Enter this before the first claim: a commit landing between an empty
-        claim and the wait then sets the Event, and the wait returns at once.
+        claim and the wait then sets it, and the wait returns at once.
         """
-        event = threading.Event()
+        event = Wakeup()
         with self._lock:
             self._waiters[ispb].add(event)
         try:
@@ -112,8 +135,10 @@ class Listener:
                 with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._connected.set()
+                    metrics.LISTENER_CONNECTED.set(1)
                     if not first:
                         self.reconnects += 1
+                        metrics.LISTENER_RECONNECTS.inc()
                         log.info("listener reconnected")
                     first = False
                     backoff = 0.05
@@ -125,6 +150,7 @@ class Listener:
                     log.warning("listener connection lost: %s", exc)
             finally:
                 self._connected.clear()
+                metrics.LISTENER_CONNECTED.set(0)
             self._closing.wait(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 

@@ -91,11 +91,23 @@ class Runtime:
             except Exception:
                 log.exception("sweep failed")
 
-    def stop(self) -> None:
-        """Answer every waiting long poll now and stop background work."""
+    def start(self) -> None:
+        """Open the pool and start listening now rather than on the first request."""
+        self.pool  # noqa: B018 - the properties start what they return
+        self.listener  # noqa: B018
+
+    def begin_shutdown(self) -> None:
+        """Answer every waiting long poll now (204, stream intact); keep serving in-flight work.
+
+        Called on SIGTERM: clients continue their streams on another instance.
+        """
         self._stopping.set()
         if self._listener is not None:
             self._listener.stop()
+
+    def stop(self) -> None:
+        """Shut down and release the pool."""
+        self.begin_shutdown()
         if self._pool is not None:
             self._pool.close(timeout=1)
 

@@ -34,8 +34,11 @@ class Claimed:
 
 
 @dataclass(frozen=True, slots=True)
-class Expiry:
-    streams: int
+class ExpiredStream:
+    """A stream just expired, and how many unconfirmed messages it gave back."""
+
+    id: int
+    ispb: str
     released: int
 
 
@@ -47,18 +50,23 @@ def ping(conn: psycopg.Connection) -> None:
     _run(conn, "ping")
 
 
-def open_stream(
-    conn: psycopg.Connection, ispb: str, pull: str, *, max_streams: int, idle_seconds: float
-) -> int | None:
-    """Open a stream whose first pull is ``pull``; None when the ISPB is at its limit."""
+def lock_ispb(conn: psycopg.Connection, ispb: str) -> None:
+    """Serialise stream creation for ``ispb`` until this transaction ends."""
     _run(conn, "lock_ispb", {"ispb": ispb})
-    expire_idle_streams(conn, idle_seconds=idle_seconds, ispb=ispb)
-    (open_count,) = _run(conn, "count_open_streams", {"ispb": ispb}).fetchone()
-    if open_count >= max_streams:
-        return None
+
+
+def count_open_streams(conn: psycopg.Connection, ispb: str) -> int:
+    return int(_run(conn, "count_open_streams", {"ispb": ispb}).fetchone()[0])
+
+
+def count_all_open_streams(conn: psycopg.Connection) -> int:
+    return int(_run(conn, "count_all_open_streams").fetchone()[0])
+
+
+def insert_stream(conn: psycopg.Connection, ispb: str, pull: str) -> int:
+    """Create a stream whose first pull, ``pull``, carries no batch."""
     (stream_id,) = _run(conn, "insert_stream", {"ispb": ispb, "pull": pull}).fetchone()
-    # The opening pull carries no batch: nothing to confirm.
-    _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "confirmed": True})
+    _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "size": 0, "confirmed": True})
     return int(stream_id)
 
 
@@ -67,8 +75,10 @@ def lock_stream(conn: psycopg.Connection, pull: str, *, idle_seconds: float) -> 
     return None if row is None else StreamRow(*row)
 
 
-def confirm_pull(conn: psycopg.Connection, pull: str) -> None:
-    _run(conn, "confirm_pull", {"pull": pull})
+def confirm_pull(conn: psycopg.Connection, pull: str) -> int:
+    """Confirm the batch delivered with ``pull``; the count of messages it held."""
+    row = _run(conn, "confirm_pull", {"pull": pull}).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def claim_batch(conn: psycopg.Connection, ispb: str, pull: str, limit: int) -> Claimed:
@@ -80,9 +90,15 @@ def batch_documents(conn: psycopg.Connection, pull: str) -> list[str]:
     return [doc for (doc,) in _run(conn, "batch_documents", {"pull": pull})]
 
 
-def advance_stream(conn: psycopg.Connection, stream_id: int, pull: str, replay: str) -> None:
+def advance_stream(
+    conn: psycopg.Connection, stream_id: int, pull: str, *, size: int, replay: str
+) -> None:
     """Make ``pull`` (whose batch was just claimed) current; a repeat of ``replay`` replays it."""
-    _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "confirmed": False})
+    _run(
+        conn,
+        "insert_pull",
+        {"pull": pull, "stream_id": stream_id, "size": size, "confirmed": False},
+    )
     _run(conn, "advance_stream", {"stream_id": stream_id, "pull": pull, "replay": replay})
 
 
@@ -102,17 +118,20 @@ def close_stream(conn: psycopg.Connection, stream_id: int, reason: str) -> None:
 
 def release_pull(conn: psycopg.Connection, pull: str) -> int:
     """Return an unconfirmed batch to the queue; the count of messages released."""
-    released, _ = _run(conn, "release_pull", {"pull": pull}).fetchone()
-    return int(released)
+    return int(_run(conn, "release_pull", {"pull": pull}).fetchone()[0])
 
 
 def expire_idle_streams(
     conn: psycopg.Connection, *, idle_seconds: float, ispb: str | None = None
-) -> Expiry:
-    streams, released, _ = _run(
-        conn, "expire_idle_streams", {"ispb": ispb, "idle_seconds": idle_seconds}
-    ).fetchone()
-    return Expiry(int(streams), int(released))
+) -> list[ExpiredStream]:
+    """Expire the idle streams of ``ispb`` (of every ISPB when None)."""
+    rows = _run(conn, "expire_idle_streams", {"ispb": ispb, "idle_seconds": idle_seconds})
+    return [ExpiredStream(int(id_), ispb_, int(released)) for id_, ispb_, released in rows]
+
+
+def notify_ispbs(conn: psycopg.Connection, ispbs: Iterable[str]) -> None:
+    """Wake the readers of ``ispbs`` once this transaction commits."""
+    _run(conn, "notify_ispbs", {"ispbs": sorted(set(ispbs))})
 
 
 def copy_messages(conn: psycopg.Connection, rows: Iterable[Sequence[Any]]) -> int:

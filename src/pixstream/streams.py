@@ -14,16 +14,19 @@ import logging
 import secrets
 import string
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, store
+from pixstream import db, metrics, store
 from pixstream.errors import StreamGone, StreamNotFound, TooManyStreams
 from pixstream.listener import Listener
 
 log = logging.getLogger(__name__)
+events = logging.getLogger("pixstream.events")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LENGTH = 24  # 24 symbols of 36: 124 bits, unguessable
@@ -36,6 +39,15 @@ def new_pull_id() -> str:
 
 def is_well_formed_pull_id(value: str) -> bool:
     return 12 <= len(value) <= 64 and all(c in _ID_ALPHABET for c in value)
+
+
+def _event(name: str, ispb: str, stream_id: int, **fields: Any) -> None:
+    """Log one stream event as a structured line (JSON with PIXSTREAM_LOG_FORMAT=json)."""
+    details = "".join(f" {key}={value}" for key, value in fields.items())
+    events.info(
+        "stream %s %s ispb=%s%s", stream_id, name, ispb, details,
+        extra={"event": name, "ispb": ispb, "stream": stream_id, **fields},
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,105 +90,122 @@ class StreamService:
         """
         with db.transaction(self._pool) as conn:
             stream = self._locked_stream(conn, ispb, pull_id)
-            if stream is None:
-                gone = True
-            elif pull_id == stream.current_pull:
-                store.confirm_pull(conn, pull_id)
+            closed = stream is not None and pull_id in (stream.current_pull, stream.replay_pull)
+            if stream is not None and closed:
+                if pull_id == stream.current_pull:
+                    metrics.MESSAGES_CONFIRMED.inc(store.confirm_pull(conn, pull_id))
+                    released = 0
+                else:
+                    released = store.release_pull(conn, stream.current_pull)
+                    if released:
+                        store.notify_ispbs(conn, [ispb])
                 store.close_stream(conn, stream.id, "deleted")
-                gone = False
-            elif pull_id == stream.replay_pull:
-                released = store.release_pull(conn, stream.current_pull)
-                store.close_stream(conn, stream.id, "deleted")
-                log.info(
-                    "stream %s of %s closed; %d unconfirmed back in queue",
-                    stream.id,
-                    ispb,
-                    released,
-                )
-                gone = False
-            else:
-                gone = True
-        if gone:
+        if stream is None or not closed:
             raise StreamGone(f"stream id {pull_id} was superseded, closed or expired")
+        metrics.STREAMS_CLOSED.inc()
+        _event("closed", ispb, stream.id, requeued=released)
+        if released:
+            metrics.MESSAGES_REQUEUED.labels("deleted_unconfirmed").inc(released)
+            _event("redelivery", ispb, stream.id, requeued=released, reason="deleted_unconfirmed")
 
-    def sweep(self) -> store.Expiry:
+    def sweep(self) -> int:
         """Expire every idle stream now, handing its unconfirmed batch back."""
         with db.transaction(self._pool) as conn:
-            expiry = store.expire_idle_streams(conn, idle_seconds=self.settings.idle_seconds)
-        if expiry.streams:
-            log.info(
-                "expired %d idle streams; %d messages back in queue",
-                expiry.streams,
-                expiry.released,
-            )
-        return expiry
+            expired = self._expire(conn, None)
+            metrics.STREAMS_OPEN.set(store.count_all_open_streams(conn))
+        return len(expired)
+
+    def _expire(self, conn: psycopg.Connection, ispb: str | None) -> list[store.ExpiredStream]:
+        idle_seconds = self.settings.idle_seconds
+        expired = store.expire_idle_streams(conn, idle_seconds=idle_seconds, ispb=ispb)
+        if expired:
+            store.notify_ispbs(conn, (e.ispb for e in expired if e.released))
+            _record_expiry(expired)
+        return expired
 
     def _read(self, ispb: str, pull_id: str | None, batch_size: int) -> Delivery:
         batch_size = max(1, min(batch_size, self.settings.max_batch))
         deadline = time.monotonic() + self.settings.long_poll_seconds
         # Subscribe before the first claim: an insert committed after that
-        # claim found nothing sets the event, so the wait below cannot miss it.
+        # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
             delivery = self._attempt(ispb, pull_id, batch_size)
-            while not delivery.documents and not self._listener.closing:
-                remaining = deadline - time.monotonic()
-                woken = remaining > 0 and wakeup.wait(remaining)
-                if self._listener.closing:
-                    break
-                wakeup.clear()  # before the claim: a later insert must wake us again
-                # On a wake-up, claim; at the end of the window, re-check once
-                # (a notification can be lost while the listener reconnects).
-                delivery = self._attempt(ispb, delivery.pull_next, batch_size)
-                if not woken:
-                    break
+            if delivery.documents or self._listener.closing:
+                return delivery
+            metrics.WAITING.inc()
+            try:
+                while True:
+                    remaining = deadline - time.monotonic()
+                    woken = remaining > 0 and wakeup.wait(remaining)
+                    if self._listener.closing:
+                        break  # shutting down: answer 204 now, the stream stays valid
+                    wakeup.clear()  # before the claim: a later insert must wake us again
+                    # On a wake-up, claim; at the end of the window, re-check once
+                    # (a notification can be lost while the listener reconnects).
+                    delivery = self._attempt(ispb, delivery.pull_next, batch_size)
+                    if delivery.documents:
+                        if woken:
+                            metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
+                        break
+                    if not woken:
+                        break
+            finally:
+                metrics.WAITING.dec()
         return delivery
 
     def _attempt(self, ispb: str, pull_id: str | None, batch_size: int) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
+        started = time.perf_counter()
+        # Refusals are raised after the commit, so that the lazy expiry they
+        # may have done (and its redeliveries) is kept.
         with db.transaction(self._pool) as conn:
             if pull_id is None:
-                pull_id = new_pull_id()
-                stream_id = store.open_stream(
-                    conn,
-                    ispb,
-                    pull_id,
-                    max_streams=self.settings.max_streams,
-                    idle_seconds=self.settings.idle_seconds,
-                )
-                if stream_id is None:
-                    refused = True
-                else:
-                    refused = False
-                    log.info("stream %s of %s opened", stream_id, ispb)
-                    delivery = self._claim(conn, ispb, stream_id, pull_id, batch_size)
+                delivery = self._open(conn, ispb, batch_size)
+                if delivery is None:
+                    metrics.STREAMS_REFUSED.inc()
+                    refusal: Exception = TooManyStreams(
+                        f"ISPB {ispb} already has {self.settings.max_streams} open streams; "
+                        "close one (DELETE) or retry after an idle one expires",
+                        retry_after=max(1, round(self.settings.long_poll_seconds)),
+                    )
             else:
-                refused = False
-                stream = self._locked_stream(conn, ispb, pull_id)
-                if stream is None:
-                    delivery = None
-                elif pull_id == stream.replay_pull:
-                    # A repeat of the request that produced the current batch.
-                    store.touch_stream(conn, stream.id)
-                    delivery = Delivery(
-                        stream.current_pull, store.batch_documents(conn, stream.current_pull)
-                    )
-                elif pull_id == stream.current_pull:
-                    if not stream.current_confirmed:
-                        store.confirm_pull(conn, pull_id)
-                    store.expire_idle_streams(
-                        conn, idle_seconds=self.settings.idle_seconds, ispb=ispb
-                    )
-                    delivery = self._claim(conn, ispb, stream.id, pull_id, batch_size)
-                else:
-                    delivery = None
-        if refused:
-            raise TooManyStreams(
-                f"ISPB {ispb} already has {self.settings.max_streams} open streams",
-                retry_after=max(1, round(self.settings.long_poll_seconds)),
-            )
+                delivery = self._continue(conn, ispb, pull_id, batch_size)
+                if delivery is None:
+                    refusal = StreamGone(f"stream id {pull_id} was superseded, closed or expired")
+        metrics.CLAIM_DURATION.observe(time.perf_counter() - started)
         if delivery is None:
-            raise StreamGone(f"stream id {pull_id} was superseded, closed or expired")
+            raise refusal
         return delivery
+
+    def _open(self, conn: psycopg.Connection, ispb: str, batch_size: int) -> Delivery | None:
+        """Open a stream and claim its first batch; None when the ISPB is at its limit."""
+        store.lock_ispb(conn, ispb)
+        self._expire(conn, ispb)
+        if store.count_open_streams(conn, ispb) >= self.settings.max_streams:
+            return None
+        pull_id = new_pull_id()
+        stream_id = store.insert_stream(conn, ispb, pull_id)
+        metrics.STREAMS_OPENED.inc()
+        _event("opened", ispb, stream_id)
+        return self._claim(conn, ispb, stream_id, pull_id, batch_size)
+
+    def _continue(
+        self, conn: psycopg.Connection, ispb: str, pull_id: str, batch_size: int
+    ) -> Delivery | None:
+        stream = self._locked_stream(conn, ispb, pull_id)
+        if stream is None:
+            return None
+        if pull_id == stream.replay_pull:
+            # A repeat of the request that produced the current batch.
+            store.touch_stream(conn, stream.id)
+            return Delivery(stream.current_pull, store.batch_documents(conn, stream.current_pull))
+        if pull_id != stream.current_pull:
+            return None
+        if not stream.current_confirmed:
+            metrics.MESSAGES_CONFIRMED.inc(store.confirm_pull(conn, pull_id))
+        # Lazy expiry: batches abandoned by idle streams become claimable now.
+        self._expire(conn, ispb)
+        return self._claim(conn, ispb, stream.id, pull_id, batch_size)
 
     def _claim(
         self, conn: psycopg.Connection, ispb: str, stream_id: int, used_pull: str, batch_size: int
@@ -187,7 +216,12 @@ class StreamService:
         if not claimed.documents:
             store.supersede_replay(conn, stream_id)
             return Delivery(used_pull, [])
-        store.advance_stream(conn, stream_id, next_pull, replay=used_pull)
+        size = len(claimed.documents)
+        store.advance_stream(conn, stream_id, next_pull, size=size, replay=used_pull)
+        metrics.MESSAGES_DELIVERED.inc(size)
+        if claimed.redelivered:
+            metrics.MESSAGES_REDELIVERED.inc(claimed.redelivered)
+            _event("redelivered", ispb, stream_id, messages=claimed.redelivered)
         return Delivery(next_pull, claimed.documents)
 
     def _locked_stream(
@@ -196,7 +230,7 @@ class StreamService:
         """Lock the stream behind ``pull_id``; None when it is closed or expired (410).
 
         Raises StreamNotFound for an id never issued, or issued to another ISPB.
-        A stream found idle is expired on the spot (lazily), before the sweep.
+        A stream found idle is expired on the spot, before the sweep gets to it.
         """
         stream = store.lock_stream(conn, pull_id, idle_seconds=self.settings.idle_seconds)
         if stream is None or stream.ispb != ispb:
@@ -204,6 +238,14 @@ class StreamService:
         if stream.closed:
             return None
         if stream.idle:
-            store.expire_idle_streams(conn, idle_seconds=self.settings.idle_seconds, ispb=ispb)
+            self._expire(conn, ispb)
             return None
         return stream
+
+
+def _record_expiry(expired: Iterable[store.ExpiredStream]) -> None:
+    for stream in expired:
+        metrics.STREAMS_EXPIRED.inc()
+        _event("expired", stream.ispb, stream.id, requeued=stream.released)
+        if stream.released:
+            metrics.MESSAGES_REQUEUED.labels("expired").inc(stream.released)

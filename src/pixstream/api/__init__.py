@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from flask import Flask
 
-from pixstream.api import health, problems, streams, util
+from pixstream.api import health, middleware, problems, streams, util
 
 
 def init_app(app: Flask) -> None:
     problems.init_app(app)
+    middleware.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(streams.bp)
     if app.config["UTIL_ROUTES"]:

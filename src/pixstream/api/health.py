@@ -1,10 +1,10 @@
-"""Liveness and readiness for load balancers and orchestrators."""
+"""Liveness, readiness and metrics for load balancers, orchestrators and Prometheus."""
 
 from __future__ import annotations
 
 from flask import Blueprint, Response, jsonify
 
-from pixstream import db, store
+from pixstream import db, metrics, store
 from pixstream.api.problems import problem
 from pixstream.errors import DatabaseUnavailable
 from pixstream.runtime import runtime
@@ -28,8 +28,16 @@ def readyz() -> Response:
             store.ping(conn)
     except DatabaseUnavailable as exc:
         failures.append(f"database: {exc}")
-    if not current.listener.connected:
+    # A worker that just started may still be connecting: allow it a moment.
+    if not current.listener.wait_connected(1.0):
         failures.append("listener: not listening on pix_inserted")
     if failures:
         return problem(503, "Not ready", "; ".join(failures), headers={"Retry-After": "2"})
     return jsonify(status="ready", database="ok", listener="ok")
+
+
+@bp.get("/metrics")
+def prometheus_metrics() -> Response:
+    """Prometheus text exposition, summed over this host's workers."""
+    body, content_type = metrics.exposition()
+    return Response(body, 200, content_type=content_type)

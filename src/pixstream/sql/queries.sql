@@ -13,8 +13,8 @@ SELECT count(*) FROM pix_stream WHERE ispb = %(ispb)s AND closed_at IS NULL;
 INSERT INTO pix_stream (ispb, current_pull) VALUES (%(ispb)s, %(pull)s) RETURNING id;
 
 -- name: insert_pull
-INSERT INTO pix_pull (id, stream_id, confirmed_at)
-VALUES (%(pull)s, %(stream_id)s, CASE WHEN %(confirmed)s THEN now() END);
+INSERT INTO pix_pull (id, stream_id, size, confirmed_at)
+VALUES (%(pull)s, %(stream_id)s, %(size)s, CASE WHEN %(confirmed)s THEN now() END);
 
 -- name: lock_stream_by_pull
 -- Row-locks the stream so that a request and its retry, or a request and the
@@ -29,7 +29,9 @@ WHERE x.id = %(pull)s
 FOR UPDATE OF s;
 
 -- name: confirm_pull
-UPDATE pix_pull SET confirmed_at = now() WHERE id = %(pull)s AND confirmed_at IS NULL;
+-- The batch delivered with this pull is collected; the count of its messages.
+UPDATE pix_pull SET confirmed_at = now() WHERE id = %(pull)s AND confirmed_at IS NULL
+RETURNING size;
 
 -- name: claim_batch
 -- The oldest queued messages of the ISPB, skipping rows another stream is
@@ -69,16 +71,14 @@ UPDATE pix_stream SET closed_at = now(), close_reason = %(reason)s, last_seen_at
 WHERE id = %(stream_id)s;
 
 -- name: release_pull
--- Puts an unconfirmed batch back in the queue and wakes the ISPB's readers.
+-- Puts an unconfirmed batch back in the queue; the count of messages given back.
 WITH released AS (
     UPDATE pix_message m SET pull_id = NULL
     FROM pix_pull p
-    WHERE m.pull_id = %(pull)s AND p.id = %(pull)s AND p.confirmed_at IS NULL
-    RETURNING m.recipient_ispb
+    WHERE m.pull_id = %(pull)s AND p.id = m.pull_id AND p.confirmed_at IS NULL
+    RETURNING m.id
 )
-SELECT (SELECT count(*) FROM released) AS released,
-       (SELECT count(pg_notify('pix_inserted', ispb))
-        FROM (SELECT DISTINCT recipient_ispb AS ispb FROM released) AS recipients) AS notified;
+SELECT count(*) FROM released;
 
 -- name: expire_idle_streams
 -- Streams nobody asked for within the idle window stop counting against the
@@ -95,17 +95,23 @@ WITH idle AS (
 ), expired AS (
     UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
     FROM idle WHERE s.id = idle.id
-    RETURNING s.id, s.current_pull
+    RETURNING s.id, s.ispb, s.current_pull
 ), released AS (
     UPDATE pix_message m SET pull_id = NULL
     FROM expired e JOIN pix_pull p ON p.id = e.current_pull AND p.confirmed_at IS NULL
     WHERE m.pull_id = e.current_pull
-    RETURNING m.recipient_ispb
+    RETURNING e.id AS stream_id
 )
-SELECT (SELECT count(*) FROM expired) AS streams,
-       (SELECT count(*) FROM released) AS released,
-       (SELECT count(pg_notify('pix_inserted', ispb))
-        FROM (SELECT DISTINCT recipient_ispb AS ispb FROM released) AS recipients) AS notified;
+SELECT e.id, e.ispb, count(r.stream_id) AS released
+FROM expired e LEFT JOIN released r ON r.stream_id = e.id
+GROUP BY e.id, e.ispb;
+
+-- name: notify_ispbs
+-- Wake the readers of these ISPBs (delivered when the transaction commits).
+SELECT count(pg_notify('pix_inserted', ispb)) FROM unnest(%(ispbs)s::text[]) AS ispb;
+
+-- name: count_all_open_streams
+SELECT count(*) FROM pix_stream WHERE closed_at IS NULL;
 
 -- name: copy_messages
 COPY pix_message (end_to_end_id, valor, payer_name, payer_cpf_cnpj, payer_ispb, payer_agencia,

@@ -1,0 +1,80 @@
+"""Prometheus metrics, aggregated across gunicorn workers.
+
+gunicorn.conf.py sets PROMETHEUS_MULTIPROC_DIR before the workers fork, so each
+worker writes its samples to shared files and any worker can answer a scrape
+for all of them. Without it (dev server, tests) the default registry is used.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+MESSAGES_INSERTED = Counter("pixstream_messages_inserted", "Messages inserted by this service.")
+MESSAGES_DELIVERED = Counter(
+    "pixstream_messages_delivered", "Messages handed to a stream (first delivery or again)."
+)
+MESSAGES_CONFIRMED = Counter("pixstream_messages_confirmed", "Messages confirmed by the next call.")
+MESSAGES_REDELIVERED = Counter(
+    "pixstream_messages_redelivered", "Messages delivered again after being given back."
+)
+MESSAGES_REQUEUED = Counter(
+    "pixstream_messages_requeued",
+    "Unconfirmed messages given back to the queue, by reason.",
+    ["reason"],
+)
+STREAMS_OPENED = Counter("pixstream_streams_opened", "Streams opened.")
+STREAMS_CLOSED = Counter("pixstream_streams_closed", "Streams closed by DELETE.")
+STREAMS_EXPIRED = Counter("pixstream_streams_expired", "Streams expired after the idle window.")
+STREAMS_REFUSED = Counter("pixstream_streams_refused", "Stream starts refused with 429.")
+STREAMS_OPEN = Gauge(
+    "pixstream_streams_open", "Streams open now (all hosts).", multiprocess_mode="mostrecent"
+)
+LONG_POLLS = Counter("pixstream_long_polls", "Reads answered, by status.", ["status"])
+WAITING = Gauge(
+    "pixstream_waiting_requests", "Reads waiting for a message now.", multiprocess_mode="livesum"
+)
+WAKEUP_LATENCY = Histogram(
+    "pixstream_wakeup_latency_seconds",
+    "From a notification reaching the process to the woken read's answer being ready.",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+)
+CLAIM_DURATION = Histogram(
+    "pixstream_claim_duration_seconds",
+    "One read transaction: lock, confirm, claim, advance.",
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+)
+POOL_IN_USE = Gauge(
+    "pixstream_pool_connections_in_use", "Pooled connections lent out.", multiprocess_mode="livesum"
+)
+POOL_WAITING = Gauge(
+    "pixstream_pool_requests_waiting",
+    "Requests waiting for a pooled connection.",
+    multiprocess_mode="livesum",
+)
+LISTENER_RECONNECTS = Counter("pixstream_listener_reconnects", "LISTEN connections re-made.")
+LISTENER_CONNECTED = Gauge(
+    "pixstream_listener_connected",
+    "1 while this process listens on pix_inserted.",
+    multiprocess_mode="livemin",
+)
+
+
+def exposition() -> tuple[bytes, str]:
+    """Render every metric of every worker; the body and its content type."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
