@@ -17,7 +17,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure(app.config["LOG_FORMAT"], app.config["LOG_LEVEL"])
     if app.config["DATABASE_URL"] is None:
         app.config["DATABASE_URL"] = db.embedded_url(app.config["DATA_DIR"])
-    migrate.upgrade(app.config["DATABASE_URL"])
+    migrate.upgrade_at_start(app.config["DATABASE_URL"])
     runtime.init_app(app)
     api.init_app(app)
     cli.init_app(app)

@@ -52,21 +52,31 @@ def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool
         timeout=timeout,
         open=False,
         name="pixstream",
-        kwargs={"connect_timeout": max(1, int(timeout))},
+        kwargs={
+            "connect_timeout": max(1, int(timeout)),
+            # Find a vanished database host in seconds, not at the kernel's default hours.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+        },
     )
 
 
 @contextmanager
-def transaction(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+def transaction(
+    pool: ConnectionPool, *, timeout: float | None = None
+) -> Iterator[psycopg.Connection]:
     """Lend a pooled connection inside one transaction; the caller owns its scope.
 
     An unreachable database, at checkout or mid-statement, becomes
-    DatabaseUnavailable (503) instead of a hang or a 500.
+    DatabaseUnavailable (503) instead of a hang or a 500. ``timeout`` shortens
+    the wait for a connection below the pool's own.
     """
     try:
         metrics.POOL_WAITING.inc()
         try:
-            conn = pool.getconn()
+            conn = pool.getconn(timeout)
         finally:
             metrics.POOL_WAITING.dec()
         metrics.POOL_IN_USE.inc()

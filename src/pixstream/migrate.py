@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS pixstream_migration (
 def upgrade(conninfo: str) -> list[str]:
     """Apply pending migrations; return the names applied by this call."""
     applied_now: list[str] = []
-    with psycopg.connect(conninfo, autocommit=True) as conn:
+    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
         # Session-level lock: held across the per-file transactions below.
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:
@@ -47,3 +47,16 @@ def upgrade(conninfo: str) -> list[str]:
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     return applied_now
+
+
+def upgrade_at_start(conninfo: str) -> None:
+    """Upgrade, but let a worker boot while the database is down.
+
+    A worker that gunicorn restarts during a database outage must come up and
+    answer 503 until the database is back, not fail to boot (which would stop
+    the whole server). The schema is then the one the release phase applied.
+    """
+    try:
+        upgrade(conninfo)
+    except psycopg.OperationalError as exc:
+        log.warning("database unreachable at start-up, migrations not checked: %s", exc)

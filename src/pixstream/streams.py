@@ -30,6 +30,7 @@ events = logging.getLogger("pixstream.events")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LENGTH = 24  # 24 symbols of 36: 124 bits, unguessable
+_FINAL_CHECK_TIMEOUT = 1.0  # seconds to get a connection for the end-of-window re-check
 
 
 def new_pull_id() -> str:
@@ -142,7 +143,11 @@ class StreamService:
                     wakeup.clear()  # before the claim: a later insert must wake us again
                     # On a wake-up, claim; at the end of the window, re-check once
                     # (a notification can be lost while the listener reconnects).
-                    delivery = self._attempt(ispb, delivery.pull_next, batch_size)
+                    delivery = self._attempt(
+                        ispb, delivery.pull_next, batch_size,
+                        # The last re-check must not push the answer far past the window.
+                        connection_timeout=None if woken else _FINAL_CHECK_TIMEOUT,
+                    )  # fmt: skip
                     if delivery.documents:
                         if woken:
                             metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
@@ -153,12 +158,18 @@ class StreamService:
                 metrics.WAITING.dec()
         return delivery
 
-    def _attempt(self, ispb: str, pull_id: str | None, batch_size: int) -> Delivery:
+    def _attempt(
+        self,
+        ispb: str,
+        pull_id: str | None,
+        batch_size: int,
+        connection_timeout: float | None = None,
+    ) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
         started = time.perf_counter()
         # Refusals are raised after the commit, so that the lazy expiry they
         # may have done (and its redeliveries) is kept.
-        with db.transaction(self._pool) as conn:
+        with db.transaction(self._pool, timeout=connection_timeout) as conn:
             if pull_id is None:
                 delivery = self._open(conn, ispb, batch_size)
                 if delivery is None:
