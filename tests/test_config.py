@@ -1,0 +1,186 @@
+"""Settings: defaults, PIXSTREAM_* environment variables, and start-up validation.
+
+Invalid values must stop ``create_app`` with a ConfigError that names the
+environment variable to fix, before anything touches the database.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+from flask import Flask
+
+from pixstream import create_app
+from pixstream.errors import ConfigError
+from pixstream.runtime import runtime
+
+# Never reached: validation fails before create_app connects to anything. If a
+# bad value slipped through, connecting here fails at once (nothing listens on
+# port 1), so the test fails with that error instead of a ConfigError.
+UNREACHABLE_URL = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=2"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No PIXSTREAM_* or DATABASE_URL from the outer environment leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("PIXSTREAM_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def env_app(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Flask]]:
+    """Build an app from the environment alone: DATABASE_URL plus the given PIXSTREAM_*."""
+    apps: list[Flask] = []
+
+    def build(**env: str) -> Flask:
+        monkeypatch.setenv("DATABASE_URL", database_url)
+        for key, value in env.items():
+            monkeypatch.setenv(f"PIXSTREAM_{key}", value)
+        app = create_app()
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        with app.app_context():
+            runtime().stop()
+
+
+def test_defaults(env_app: Callable[..., Flask], database_url: str) -> None:
+    config = env_app().config
+    assert config["DATABASE_URL"] == database_url
+    assert config["DATA_DIR"] == "./.pixstream"
+    assert config["LONG_POLL_SECONDS"] == 8
+    assert config["STREAM_IDLE_SECONDS"] == 60
+    assert config["MAX_STREAMS_PER_ISPB"] == 6
+    assert config["MAX_BATCH"] == 10
+    assert config["UTIL_ROUTES"] is True
+    assert config["UTIL_MAX_MESSAGES"] == 100_000
+    assert config["POOL_SIZE"] == 10
+    assert config["POOL_TIMEOUT_SECONDS"] == 3
+    assert config["SWEEP_SECONDS"] == 10
+
+
+def test_environment_variables_are_read(env_app: Callable[..., Flask]) -> None:
+    config = env_app(
+        DATA_DIR="/var/lib/pixstream",
+        LONG_POLL_SECONDS="2.5",
+        STREAM_IDLE_SECONDS="30",
+        MAX_STREAMS_PER_ISPB="3",
+        MAX_BATCH="4",
+        UTIL_ROUTES="false",
+        UTIL_MAX_MESSAGES="500",
+        POOL_SIZE="5",
+        POOL_TIMEOUT_SECONDS="1.5",
+        SWEEP_SECONDS="7",
+    ).config
+    assert config["DATA_DIR"] == "/var/lib/pixstream"
+    assert config["LONG_POLL_SECONDS"] == 2.5
+    assert config["STREAM_IDLE_SECONDS"] == 30
+    assert config["MAX_STREAMS_PER_ISPB"] == 3
+    assert config["MAX_BATCH"] == 4
+    assert config["UTIL_ROUTES"] is False
+    assert config["UTIL_MAX_MESSAGES"] == 500
+    assert config["POOL_SIZE"] == 5
+    assert config["POOL_TIMEOUT_SECONDS"] == 1.5
+    assert config["SWEEP_SECONDS"] == 7
+
+
+def test_environment_settings_take_effect(env_app: Callable[..., Flask]) -> None:
+    """Not just stored: the routes follow what the environment says."""
+    on = env_app(UTIL_MAX_MESSAGES="3").test_client()
+    assert on.post("/api/util/msgs/32074986/3").status_code == 201
+    assert on.post("/api/util/msgs/32074986/4").status_code == 400
+    off = env_app(UTIL_ROUTES="false").test_client()
+    assert off.post("/api/util/msgs/32074986/1").status_code == 404
+
+
+def test_test_config_overrides_environment(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PIXSTREAM_MAX_BATCH", "7")
+    app = create_app({"DATABASE_URL": database_url, "MAX_BATCH": 3})
+    try:
+        assert app.config["MAX_BATCH"] == 3
+    finally:
+        with app.app_context():
+            runtime().stop()
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"LONG_POLL_SECONDS": "abc"}, "PIXSTREAM_LONG_POLL_SECONDS"),
+        ({"LONG_POLL_SECONDS": "0"}, "PIXSTREAM_LONG_POLL_SECONDS"),
+        ({"LONG_POLL_SECONDS": "-1"}, "PIXSTREAM_LONG_POLL_SECONDS"),
+        ({"LONG_POLL_SECONDS": "true"}, "PIXSTREAM_LONG_POLL_SECONDS"),
+        ({"STREAM_IDLE_SECONDS": "soon"}, "PIXSTREAM_STREAM_IDLE_SECONDS"),
+        ({"STREAM_IDLE_SECONDS": "8"}, "PIXSTREAM_STREAM_IDLE_SECONDS"),
+        ({"STREAM_IDLE_SECONDS": "5"}, "PIXSTREAM_STREAM_IDLE_SECONDS"),
+        (
+            {"LONG_POLL_SECONDS": "30", "STREAM_IDLE_SECONDS": "20"},
+            "PIXSTREAM_STREAM_IDLE_SECONDS",
+        ),
+        ({"MAX_STREAMS_PER_ISPB": "0"}, "PIXSTREAM_MAX_STREAMS_PER_ISPB"),
+        ({"MAX_STREAMS_PER_ISPB": "2.5"}, "PIXSTREAM_MAX_STREAMS_PER_ISPB"),
+        ({"MAX_BATCH": "-5"}, "PIXSTREAM_MAX_BATCH"),
+        ({"MAX_BATCH": "0"}, "PIXSTREAM_MAX_BATCH"),
+        ({"MAX_BATCH": "ten"}, "PIXSTREAM_MAX_BATCH"),
+        ({"MAX_BATCH": "true"}, "PIXSTREAM_MAX_BATCH"),
+        ({"UTIL_ROUTES": "yes"}, "PIXSTREAM_UTIL_ROUTES"),
+        ({"UTIL_ROUTES": "1"}, "PIXSTREAM_UTIL_ROUTES"),
+        ({"UTIL_MAX_MESSAGES": "0"}, "PIXSTREAM_UTIL_MAX_MESSAGES"),
+        ({"UTIL_MAX_MESSAGES": "1e3"}, "PIXSTREAM_UTIL_MAX_MESSAGES"),
+        ({"POOL_SIZE": "0"}, "PIXSTREAM_POOL_SIZE"),
+        ({"POOL_TIMEOUT_SECONDS": "0"}, "PIXSTREAM_POOL_TIMEOUT_SECONDS"),
+        ({"POOL_TIMEOUT_SECONDS": "60"}, "PIXSTREAM_POOL_TIMEOUT_SECONDS"),
+        ({"SWEEP_SECONDS": "-1"}, "PIXSTREAM_SWEEP_SECONDS"),
+        ({"SWEEP_SECONDS": "often"}, "PIXSTREAM_SWEEP_SECONDS"),
+        ({"DATA_DIR": '""'}, "PIXSTREAM_DATA_DIR"),
+    ],
+)
+def test_invalid_environment_stops_start_up(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], variable: str
+) -> None:
+    monkeypatch.setenv("DATABASE_URL", UNREACHABLE_URL)
+    for key, value in env.items():
+        monkeypatch.setenv(f"PIXSTREAM_{key}", value)
+    with pytest.raises(ConfigError) as caught:
+        create_app()
+    assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize("value", ["not a url", "localhost", 5432])
+def test_invalid_database_url_stops_start_up(value: object) -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        create_app({"DATABASE_URL": value})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "variable"),
+    [
+        ({"LONG_POLL_SECONDS": "8"}, "PIXSTREAM_LONG_POLL_SECONDS"),
+        ({"MAX_BATCH": 2.0}, "PIXSTREAM_MAX_BATCH"),
+        ({"UTIL_ROUTES": "false"}, "PIXSTREAM_UTIL_ROUTES"),
+        ({"STREAM_IDLE_SECONDS": 8, "LONG_POLL_SECONDS": 8}, "PIXSTREAM_STREAM_IDLE_SECONDS"),
+    ],
+)
+def test_invalid_test_config_stops_start_up(overrides: dict[str, object], variable: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        create_app({"DATABASE_URL": UNREACHABLE_URL, **overrides})
+    assert variable in str(caught.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: json.loads turns 'NaN' into float('nan'), which passes every comparison",
+)
+@pytest.mark.parametrize("variable", ["LONG_POLL_SECONDS", "STREAM_IDLE_SECONDS"])
+def test_nan_is_rejected(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", UNREACHABLE_URL)
+    monkeypatch.setenv(f"PIXSTREAM_{variable}", "NaN")
+    with pytest.raises(ConfigError, match=f"PIXSTREAM_{variable}"):
+        create_app()

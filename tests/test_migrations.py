@@ -1,0 +1,174 @@
+"""The migration runner: each file once, in order, recorded in pixstream_migration,
+safe when every worker of every host runs it at the same time."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from pixstream import migrate
+from pixstream.sql import migrations
+
+ALL = [m.name for m in migrations()]
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    params = conninfo_to_dict(url)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def empty_database(database_url: str) -> Iterator[str]:
+    """A brand-new database without any schema, on the test server; dropped afterwards."""
+    name = f"pixstream_mig_{secrets.token_hex(4)}"
+    admin = with_dbname(database_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_dbname(database_url, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def ledger(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        return [name for (name,) in conn.execute("SELECT name FROM pixstream_migration")]
+
+
+def test_migration_files_are_ordered_and_named() -> None:
+    assert ALL, "no migration files found in the package"
+    assert ALL[0] == "0001_initial"
+    assert sorted(ALL) == ALL
+    assert len(set(ALL)) == len(ALL)
+    for name in ALL:
+        assert name[:4].isdigit() and name[4] == "_", name
+
+
+def test_fresh_database_then_noop(empty_database: str) -> None:
+    assert migrate.upgrade(empty_database) == ALL
+    assert sorted(ledger(empty_database)) == ALL
+    assert migrate.upgrade(empty_database) == []
+    assert sorted(ledger(empty_database)) == ALL
+
+
+def test_already_migrated_database_is_a_noop(database_url: str) -> None:
+    assert migrate.upgrade(database_url) == []
+
+
+def test_ledger_records_application_time(empty_database: str) -> None:
+    migrate.upgrade(empty_database)
+    with psycopg.connect(empty_database) as conn:
+        rows = conn.execute(
+            "SELECT name, applied_at <= now(), applied_at > now() - interval '1 hour'"
+            " FROM pixstream_migration ORDER BY name"
+        ).fetchall()
+    assert [r[0] for r in rows] == ALL
+    assert all(r[1] and r[2] for r in rows)
+
+
+def test_recorded_files_are_not_run_again(empty_database: str) -> None:
+    """The ledger, not the schema, decides: a file recorded there is skipped."""
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE pixstream_migration (name text PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for name in ALL:
+            conn.execute("INSERT INTO pixstream_migration (name) VALUES (%s)", (name,))
+    assert migrate.upgrade(empty_database) == []
+    with psycopg.connect(empty_database) as conn:
+        (exists,) = conn.execute("SELECT to_regclass('pix_message') IS NOT NULL").fetchone()
+    assert not exists, "a migration ran although the ledger recorded it"
+
+
+def test_concurrent_runs_apply_each_file_once(empty_database: str) -> None:
+    runners = 6
+    barrier = threading.Barrier(runners)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            barrier.wait(timeout=30)
+            applied = migrate.upgrade(empty_database)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+        else:
+            with lock:
+                results.append(applied)
+
+    threads = [threading.Thread(target=run) for _ in range(runners)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(t.is_alive() for t in threads), "a migration runner hung"
+    assert errors == []
+    assert len(results) == runners
+    applied = sorted(name for result in results for name in result)
+    assert applied == ALL, f"each file exactly once across runners, got {results}"
+    # One runner did everything in order; the others found nothing to do.
+    assert sorted(results, key=len) == [[]] * (runners - 1) + [ALL]
+    assert sorted(ledger(empty_database)) == ALL
+
+
+def test_schema_has_tables_indexes_trigger(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        tables = {
+            name
+            for (name,) in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            )
+        }
+        indexes = {
+            name: definition
+            for name, definition in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'"
+            )
+        }
+        triggers = conn.execute(
+            "SELECT t.tgname, c.relname, p.proname, t.tgtype FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE NOT t.tgisinternal"
+        ).fetchall()
+        functions = {
+            name
+            for (name,) in conn.execute(
+                "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            )
+        }
+        constraints = {
+            name
+            for (name,) in conn.execute(
+                "SELECT conname FROM pg_constraint WHERE conrelid = 'pix_message'::regclass"
+            )
+        }
+    assert {"pix_message", "pix_stream", "pix_pull", "pixstream_migration"} <= tables
+
+    queued = indexes["pix_message_queued_idx"]
+    assert "(recipient_ispb, id)" in queued
+    assert "WHERE (pull_id IS NULL)" in queued
+    assert "WHERE (pull_id IS NOT NULL)" in indexes["pix_message_pull_idx"]
+    assert "(ispb, last_seen_at)" in indexes["pix_stream_open_idx"]
+    assert "WHERE (closed_at IS NULL)" in indexes["pix_stream_open_idx"]
+    assert "(stream_id)" in indexes["pix_pull_stream_idx"]
+    assert "UNIQUE" in indexes["pix_message_end_to_end_id_key"]
+
+    assert len(triggers) == 1
+    name, table, function, tgtype = triggers[0]
+    assert (name, table, function) == ("pix_message_inserted", "pix_message", "pix_notify_inserted")
+    # tgtype bits: 1 = FOR EACH ROW (must be clear), 4 = INSERT (must be set).
+    assert tgtype & 1 == 0, "the notify trigger must fire once per statement, not per row"
+    assert tgtype & 4 == 4
+
+    assert {"pix_message_document", "pix_notify_inserted"} <= functions
+    assert "pix_message_pull_fk" in constraints
