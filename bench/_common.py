@@ -187,6 +187,29 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def postmaster_pid(url: str) -> int | None:
+    """The PostgreSQL server's main process, when it runs on this machine and /proc shows it."""
+    try:
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            (backend,) = conn.execute("SELECT pg_backend_pid()").fetchone()  # type: ignore[misc]
+        return _ppid(int(backend))
+    except (psycopg.Error, OSError, ValueError, IndexError):
+        return None
+
+
+def postgres_cpu_seconds(postmaster: int | None) -> float:
+    """CPU of the server's processes (all databases: other users count too)."""
+    if postmaster is None:
+        return 0.0
+    return proc_cpu_seconds(postmaster) + sum(
+        proc_cpu_seconds(pid) for pid in _children(postmaster)
+    )
+
+
 def proc_cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -291,6 +314,8 @@ class Gunicorn:
         """Counts of the HTTP statuses in the access log."""
         counts: dict[str, int] = {}
         for line in self.output().splitlines():
+            if "/readyz" in line:
+                continue
             parts = line.split('" ')
             if len(parts) == 2 and parts[1][:3].isdigit():
                 counts[parts[1][:3]] = counts.get(parts[1][:3], 0) + 1
@@ -472,7 +497,9 @@ class CpuMeter:
     """CPU shares over an interval: this client, the gunicorn processes, the whole machine."""
 
     server: Gunicorn | None = None
+    postmaster: int | None = None
     _wall: float = 0.0
+    _postgres: float = 0.0
     _client: float = 0.0
     _server: float = 0.0
     _machine: tuple[int, int] = (0, 0)
@@ -488,6 +515,7 @@ class CpuMeter:
         self._client = self._client_seconds()
         self._server = self.server.cpu_seconds() if self.server else 0.0
         self._machine = _machine_ticks()
+        self._postgres = postgres_cpu_seconds(self.postmaster)
         return self
 
     def stop(self) -> dict[str, float]:
@@ -505,6 +533,9 @@ class CpuMeter:
         if self.server:
             server_s = self.server.cpu_seconds() - self._server
             self.result["gunicorn_cpu_share"] = round(server_s / wall, 3)
+        if self.postmaster:
+            postgres_s = postgres_cpu_seconds(self.postmaster) - self._postgres
+            self.result["postgres_cpu_share"] = round(postgres_s / wall, 3)
         return self.result
 
 
