@@ -16,9 +16,9 @@ from pixstream import create_app
 from pixstream.errors import ConfigError
 from pixstream.runtime import runtime
 
-# Never reached: validation fails before create_app connects to anything. If a
-# bad value slipped through, connecting here fails at once (nothing listens on
-# port 1), so the test fails with that error instead of a ConfigError.
+# Never connected to: validation fails first. Should a bad value slip through,
+# create_app boots anyway (it tolerates a database that is down) and the
+# pytest.raises(ConfigError) around it fails: "DID NOT RAISE".
 UNREACHABLE_URL = "postgresql://postgres@127.0.0.1:1/none?connect_timeout=2"
 
 
@@ -176,11 +176,21 @@ def test_invalid_test_config_stops_start_up(overrides: dict[str, object], variab
 
 @pytest.mark.xfail(
     strict=True,
-    reason="bug: json.loads turns 'NaN' into float('nan'), which passes every comparison",
+    reason="bug: json.loads turns NaN/Infinity into floats that pass every comparison",
 )
-@pytest.mark.parametrize("variable", ["LONG_POLL_SECONDS", "STREAM_IDLE_SECONDS"])
-def test_nan_is_rejected(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("LONG_POLL_SECONDS", "NaN"),
+        ("STREAM_IDLE_SECONDS", "NaN"),
+        ("STREAM_IDLE_SECONDS", "Infinity"),
+        ("SWEEP_SECONDS", "Infinity"),
+    ],
+)
+def test_non_finite_numbers_are_rejected(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
     monkeypatch.setenv("DATABASE_URL", UNREACHABLE_URL)
-    monkeypatch.setenv(f"PIXSTREAM_{variable}", "NaN")
+    monkeypatch.setenv(f"PIXSTREAM_{variable}", value)
     with pytest.raises(ConfigError, match=f"PIXSTREAM_{variable}"):
         create_app()

@@ -170,3 +170,19 @@ def test_database_unreachable_is_503_with_retry_after(
     reply = client.post(f"/api/util/msgs/{ISPB}/2")
     assert_problem(reply, 503)
     assert "Retry-After" in reply.headers
+
+
+def test_database_missing_from_the_start_is_503(
+    make_app: Callable[..., Flask], database_url: str
+) -> None:
+    """A worker that boots while its database is unreachable answers 503, not 500."""
+    missing = with_dbname(database_url, f"pixstream_missing_{secrets.token_hex(4)}")
+    app = make_app(DATABASE_URL=missing, POOL_TIMEOUT_SECONDS=0.5)
+    client = app.test_client()
+    assert client.get("/healthz").status_code == 200
+    for path in ("/readyz", f"/api/pix/{ISPB}/stream/start"):
+        started = time.monotonic()
+        reply = client.get(path)
+        assert_problem(reply, 503)
+        assert int(reply.headers["Retry-After"]) >= 1
+        assert time.monotonic() - started < app.config["LONG_POLL_SECONDS"] + 2
