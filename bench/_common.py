@@ -29,6 +29,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 ROOT = Path(__file__).resolve().parent.parent
+# For A/B experiments: serve another checkout (its src/ and gunicorn.conf.py) with this venv.
+SERVE_ROOT = Path(os.environ.get("PIXSTREAM_BENCH_ROOT", ROOT)).resolve()
 SYSTEM_SERVER = "postgresql://postgres@127.0.0.1:5432/postgres"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -228,6 +230,16 @@ def proc_rss_bytes(pid: int) -> int:
     return 0
 
 
+def proc_pss_bytes(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def _raise_child_nofile() -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -242,7 +254,7 @@ class Gunicorn:
         *,
         workers: int | None = None,
         settings: dict[str, Any] | None = None,
-        root: Path = ROOT,
+        root: Path = SERVE_ROOT,
     ) -> None:
         self.port = free_port()
         self.workers = workers or default_workers()
@@ -253,11 +265,13 @@ class Gunicorn:
         if workers is not None:
             env["WEB_CONCURRENCY"] = str(workers)
         env["PORT"] = str(self.port)
+        if root != ROOT:
+            env["PYTHONPATH"] = str(root / "src")
         self.settings = settings or {}
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             prefix="pixstream-bench-gunicorn-", suffix=".log", delete=False
         )
-        python = root / ".venv" / "bin" / "python"
+        python = ROOT / ".venv" / "bin" / "python"
         self.process = subprocess.Popen(
             [str(python if python.exists() else sys.executable), "-m", "gunicorn",
              "-c", str(root / "gunicorn.conf.py"), "--bind", f"127.0.0.1:{self.port}", "wsgi:app"],
@@ -299,6 +313,10 @@ class Gunicorn:
     def rss_bytes(self) -> int:
         """Resident memory of master and workers together."""
         return sum(proc_rss_bytes(pid) for pid in self.pids())
+
+    def pss_bytes(self) -> int:
+        """Proportional set size of master and workers: shared pages counted once."""
+        return sum(proc_pss_bytes(pid) for pid in self.pids())
 
     def cpu_seconds(self) -> float:
         return sum(proc_cpu_seconds(pid) for pid in self.pids())
