@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from pixstream.api import health, middleware, problems, streams, util
+from pixstream.api import docs, health, middleware, problems, streams, util
 
 
 def init_app(app: Flask) -> None:
@@ -12,5 +12,6 @@ def init_app(app: Flask) -> None:
     middleware.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(streams.bp)
+    app.register_blueprint(docs.bp)
     if app.config["UTIL_ROUTES"]:
         app.register_blueprint(util.bp)
