@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from _streamkit import (
     app_name,
@@ -30,6 +31,7 @@ from _streamkit import (
     wait_for,
     warm_up,
 )
+from conftest import with_dbname
 from httpclient import HttpClient, Reply
 from pixstream import store
 from pixstream.runtime import runtime
@@ -216,7 +218,9 @@ def test_commit_between_the_empty_claim_and_the_wait_is_not_lost(
 
 
 @pytest.mark.server
-def test_waiting_collectors_survive_their_listener_being_killed(start_server, db, monkeypatch):
+def test_waiting_collectors_survive_their_listener_being_killed(
+    start_server, db, database_url, monkeypatch
+):
     name = app_name()
     monkeypatch.setenv("PGAPPNAME", name)
     server = start_server(workers=2, LONG_POLL_SECONDS=6, STREAM_IDLE_SECONDS=12)
@@ -235,25 +239,50 @@ def test_waiting_collectors_survive_their_listener_being_killed(start_server, db
                 wait_for(streams_waiting(db, ispbs), timeout=5, what="all collectors to wait")
                 return futures
 
-            # 1. Kill every listener backend while the collectors wait, and insert
-            #    at once: the notification has no listener; the reconnect must
-            #    wake everybody to look again.
+            # 1. Kill every listener backend while the collectors wait, keep them
+            #    from reconnecting, and commit an insert per ISPB meanwhile. A
+            #    LISTEN connection of the test (as another instance's listener
+            #    would) reads those notifications, so PostgreSQL does not replay
+            #    them to a LISTEN issued later: they are lost to this server,
+            #    whose listener must wake every waiter when it gets back.
             futures = wait_all()
             killed = listener_pids(db, name)
             assert len(killed) == 2, killed
-            db.execute(
-                "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (list(killed),)
-            )
-            inserted_at = time.perf_counter()
-            expected = [insert_messages(db, ispb, 1) for ispb in ispbs]
-            after_kill = []
-            for future, want in zip(futures, expected, strict=True):
-                reply, answered_at = future.result(timeout=10)
-                assert e2e_ids(reply) == want
-                after_kill.append(answered_at - inserted_at)
+            allow = sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS {}")
+            dbname = sql.Identifier(db.info.dbname)
+            admin_url = with_dbname(database_url, "postgres")  # no database can close itself
+            with (
+                psycopg.connect(database_url, autocommit=True) as sentinel,
+                psycopg.connect(admin_url, autocommit=True) as admin,
+            ):
+                sentinel.execute("LISTEN pix_inserted")
+                admin.execute(allow.format(dbname, sql.SQL("false")))
+                try:
+                    (terminated,) = db.execute(
+                        "SELECT bool_and(pg_terminate_backend(pid, 5000)) "
+                        "FROM unnest(%s::int[]) AS pid",
+                        (list(killed),),
+                    ).fetchone()
+                    assert terminated
+                    expected = [insert_messages(db, ispb, 1) for ispb in ispbs]
+                    seen: set[str] = set()
+                    for notify in sentinel.notifies(timeout=5):
+                        seen.add(notify.payload)
+                        if seen >= set(ispbs):
+                            break
+                    assert seen >= set(ispbs)
+                    assert not any(future.done() for future in futures), "woken without listener"
+                finally:
+                    admin.execute(allow.format(dbname, sql.SQL("true")))
+                unblocked_at = time.perf_counter()
+                after_reconnect = []
+                for future, want in zip(futures, expected, strict=True):
+                    reply, answered_at = future.result(timeout=10)
+                    assert e2e_ids(reply) == want
+                    after_reconnect.append(answered_at - unblocked_at)
             pulls = [future.result()[0].pull_next for future in futures]
-            report("insert while the listeners were dead", after_kill)
-            assert max(after_kill) < 2, after_kill
+            report("messages committed while no listener was up", after_reconnect)
+            assert max(after_reconnect) < 2, after_reconnect
 
             # 2. The listeners are back (new backends), and push works as before.
             wait_for(
