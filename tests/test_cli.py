@@ -33,7 +33,7 @@ def count(db: psycopg.Connection, ispb: str) -> int:
     return int(n)
 
 
-@pytest.mark.parametrize(("total", "batch"), [(250, 100), (7, 10_000), (1000, 1)])
+@pytest.mark.parametrize(("total", "batch"), [(250, 100), (7, 10_000), (200, 1)])
 def test_seed_pix_inserts_and_prints_rate(
     app: Flask, db: psycopg.Connection, total: int, batch: int
 ) -> None:
