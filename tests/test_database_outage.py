@@ -27,6 +27,8 @@ from httpclient import HttpClient, Reply
 pytestmark = pytest.mark.server
 
 WINDOW = 3.0
+# Far longer than outage plus recovery, so that no stream expires meanwhile.
+IDLE = 60
 POOL_TIMEOUT = 3.0  # the default PIXSTREAM_POOL_TIMEOUT_SECONDS
 # The bound of the contract: an answer, at the latest, one second after the window.
 # A little scheduling slack on top, for a loaded test machine.
@@ -116,7 +118,7 @@ def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkey
         url,
         workers=2,
         LONG_POLL_SECONDS=WINDOW,
-        STREAM_IDLE_SECONDS=12,
+        STREAM_IDLE_SECONDS=IDLE,
         POOL_TIMEOUT_SECONDS=POOL_TIMEOUT,
     )
     clients: list[HttpClient] = [server.http]
@@ -201,7 +203,7 @@ def test_unresponsive_database_answers_503_in_time(postgres):
         url,
         workers=1,
         LONG_POLL_SECONDS=WINDOW,
-        STREAM_IDLE_SECONDS=12,
+        STREAM_IDLE_SECONDS=IDLE,
         POOL_TIMEOUT_SECONDS=POOL_TIMEOUT,
     )
     frozen: list[psutil.Process] = []
