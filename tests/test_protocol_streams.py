@@ -7,6 +7,7 @@ the queue when its ``pull_id`` is NULL.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import threading
@@ -19,6 +20,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from httpclient import HttpClient, Reply
+from pixstream.config import DEFAULTS
+from pixstream.errors import ConfigError
 
 ISPB = "32074986"
 OTHER = "60701190"
@@ -285,6 +288,20 @@ def test_delete_with_the_previous_id_returns_the_unconfirmed_batch(quick, db, ac
     assert e2e(first) + again == all_in_order(db)
 
 
+def test_ispb_with_leading_zeros(quick):
+    ispb = "00000000"
+    queue(quick, ispb, 2)
+    first = read(quick, f"/api/pix/{ispb}/stream/start")
+    assert first.status_code == 200
+    assert first.get_json()["recebedor"]["ispb"] == ispb
+    x = pull_next(first)
+    assert x.startswith(f"/api/pix/{ispb}/stream/")
+    second = read(quick, x)
+    assert second.status_code == 200
+    assert second.get_json()["recebedor"]["ispb"] == ispb
+    assert quick.delete(pull_next(second)).status_code == 200
+
+
 # -- not found -----------------------------------------------------------------
 
 
@@ -333,7 +350,20 @@ def test_a_malformed_form_of_a_real_id_is_404(quick):
         assert_problem(read(quick, f"/api/pix/{ISPB}/stream/{variant}"), 404)
 
 
-# -- the limit of streams per ISPB -------------------------------------------------
+# -- the limit of streams per ISPB ---------------------------------------------------
+
+
+def test_protocol_defaults():
+    assert DEFAULTS["LONG_POLL_SECONDS"] == 8
+    assert DEFAULTS["STREAM_IDLE_SECONDS"] == 60
+    assert DEFAULTS["MAX_STREAMS_PER_ISPB"] == 6
+    assert DEFAULTS["MAX_BATCH"] == 10
+
+
+@pytest.mark.parametrize(("long_poll", "idle"), [(5, 5), (5, 4)])
+def test_idle_window_must_be_longer_than_the_long_poll(make_app, long_poll, idle):
+    with pytest.raises(ConfigError, match="STREAM_IDLE_SECONDS"):
+        make_app(LONG_POLL_SECONDS=long_poll, STREAM_IDLE_SECONDS=idle)
 
 
 def test_seventh_stream_is_429_with_retry_after(quick, db):
@@ -469,6 +499,22 @@ def test_repeating_the_last_request_gives_the_same_answer(quick, db, accept, dep
     assert_problem(quick.delete(path), 410)
     rest, _ = drain(quick, pull_next(after), accept)
     assert delivered + rest == all_in_order(db)
+
+
+def test_repeated_answer_is_byte_identical_with_gzip(quick):
+    queue(quick, ISPB, 25)
+    headers = {"Accept": MULTIPART, "Accept-Encoding": "gzip"}
+    x = pull_next(quick.get(START, headers=headers))
+    answer = quick.get(x, headers=headers)
+    retry = quick.get(x, headers=headers)
+    assert answer.status_code == retry.status_code == 200
+    assert retry.data == answer.data
+    assert retry.headers.get("Content-Encoding") == answer.headers.get("Content-Encoding")
+    assert retry.headers["Pull-Next"] == answer.headers["Pull-Next"]
+    body = answer.data
+    if answer.headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    assert len(json.loads(body)) == 10
 
 
 def test_retrying_a_204_is_fine(quick):
