@@ -31,16 +31,6 @@ ISPBS = ("32074986", "60701190", "18236120", "00360305", "90400888")
 PULL = "claimplan0000000000000000"
 SCENARIOS = {"tail-queued": 0.999, "half-collected": 0.5, "all-queued": 0.0}
 
-# Where the planner walks the primary key in id order with a filter instead:
-# it assumes queued rows are spread evenly through the table, when they are
-# the newest, so the walk reads the whole collected history first (measured:
-# 18 ms instead of 0.2 ms at 100,000 collected rows; it grows with the history).
-PKEY_WALK = (
-    "bug: claim_batch walks pix_message_pkey with a filter when the ISPB has a "
-    "backlog; see the report (fix: make the pkey order unusable, e.g. a range "
-    "condition on recipient_ispb with ORDER BY recipient_ispb, id)"
-)
-PKEY_WALK_SCENARIOS = {"half-collected", "all-queued"}
 
 # Rows 1..ROWS, round-robin over ISPBS; row g is collected (bound to one of a
 # series of confirmed pulls of ten messages) when g <= collected, else queued.
@@ -163,8 +153,6 @@ def test_claim_reads_the_queued_index(
     ispb: str,
     limit: int,
 ) -> None:
-    if scenario[0] in PKEY_WALK_SCENARIOS and ispb != "99999999":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=PKEY_WALK))
     scans, text = explain(conn, ispb, limit)
     # The other scan of pix_message is the UPDATE finding each claimed row by id.
     finders = [n for n in scans if "claimable" not in n.get("Index Cond", "")]

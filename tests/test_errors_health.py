@@ -95,7 +95,6 @@ def test_wrong_method_is_problem_405_with_allow(
     assert streams == 0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Allow on /stream/start lists DELETE (and HEAD)")
 def test_allow_on_start_lists_only_working_methods(client: FlaskClient) -> None:
     reply = client.post(f"/api/pix/{ISPB}/stream/start")
     assert reply.status_code == 405

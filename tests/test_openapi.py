@@ -15,7 +15,6 @@ from importlib.resources import files
 from typing import Any
 
 import jsonschema_rs
-import pytest
 from flask import Flask
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from werkzeug.test import TestResponse
@@ -254,11 +253,6 @@ def test_operations_and_docs_routes_conform(client):
     assert served.data == (files("pixstream.api") / "openapi.json").read_bytes()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="app bug: /metrics answers text/plain; version=1.0.0 (prometheus_client's "
-    "CONTENT_TYPE_LATEST), the operations issue specifies version=0.0.4",
-)
 def test_metrics_media_type_is_the_documented_one(client):
     (documented,) = DOC["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert client.get("/metrics").headers["Content-Type"].startswith(documented)

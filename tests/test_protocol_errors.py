@@ -151,30 +151,18 @@ def _methods_in_allow_that_answer_405(client: FlaskClient, method: str, path: st
     return sorted(m for m in allowed if client.open(path, method=m).status_code == 405)
 
 
-_ALLOW_BUG = (
-    "bug: Allow on the stream routes is the union werkzeug computes for /start and /<id> "
-    "plus HEAD; it advertises DELETE on /stream/start and HEAD on both routes, which "
-    "answer 405 themselves"
-)
-
-
 @pytest.mark.parametrize(
     ("method", "path"),
     [
         ("DELETE", START),
         ("HEAD", BY_ID),
         ("GET", f"/api/util/msgs/{ISPB}/3"),
-        *(
-            pytest.param(method, path, marks=pytest.mark.xfail(strict=True, reason=_ALLOW_BUG))
-            for method, path in [
-                ("POST", START),
-                ("PUT", START),
-                ("PATCH", START),
-                ("HEAD", START),
-                ("PUT", BY_ID),
-                ("POST", BY_ID),
-            ]
-        ),
+        ("POST", START),
+        ("PUT", START),
+        ("PATCH", START),
+        ("HEAD", START),
+        ("PUT", BY_ID),
+        ("POST", BY_ID),
     ],
 )
 def test_allow_lists_only_methods_the_route_serves(quick, method, path):

@@ -6,6 +6,7 @@ message naming the variable instead of surfacing as a confusing runtime error.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,12 @@ def _env_name(key: str) -> str:
 def _number(config: Config, key: str, *, minimum: float, integer: bool) -> None:
     value = config[key]
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or value < minimum:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, kind)
+        or not math.isfinite(value)
+        or value < minimum
+    ):
         what = "an integer" if integer else "a number"
         raise ConfigError(f"{_env_name(key)} must be {what} >= {minimum}, got {value!r}")
 

@@ -52,6 +52,10 @@ def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool
         timeout=timeout,
         open=False,
         name="pixstream",
+        # Give up a reconnection series after a few seconds: the next checkout
+        # starts a fresh one, so a database that comes back after a long outage
+        # is used within seconds, not after a backoff grown to minutes.
+        reconnect_timeout=max(2.0, timeout),
         kwargs={
             "connect_timeout": max(1, int(timeout)),
             # Find a vanished database host in seconds, not at the kernel's default hours.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -69,12 +68,16 @@ LISTENER_CONNECTED = Gauge(
 )
 
 
-def exposition() -> tuple[bytes, str]:
-    """Render every metric of every worker; the body and its content type."""
+# The text format every Prometheus version scrapes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def exposition() -> bytes:
+    """Render every metric of every worker of this host."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(registry)
     from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY)

@@ -12,6 +12,7 @@ def init_app(app: Flask) -> None:
     middleware.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(streams.bp)
+    streams.forbid_head(app)
     app.register_blueprint(docs.bp)
     if app.config["UTIL_ROUTES"]:
         app.register_blueprint(util.bp)

@@ -39,5 +39,4 @@ def readyz() -> Response:
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
     """Prometheus text exposition, summed over this host's workers."""
-    body, content_type = metrics.exposition()
-    return Response(body, 200, content_type=content_type)
+    return Response(metrics.exposition(), 200, content_type=metrics.CONTENT_TYPE)

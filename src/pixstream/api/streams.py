@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
-from werkzeug.exceptions import MethodNotAllowed
+from flask import Blueprint, Flask, Response, request
+from werkzeug.routing import BaseConverter
 
 from pixstream.api.params import parse_ispb, wants_multipart
-from pixstream.errors import NotAcceptable, StreamNotFound
+from pixstream.errors import NotAcceptable
 from pixstream.runtime import runtime
-from pixstream.streams import Delivery, is_well_formed_pull_id
+from pixstream.streams import PULL_ID_PATTERN, Delivery
 
 bp = Blueprint("streams", __name__, url_prefix="/api/pix/<ispb>/stream")
 
-_ALLOWED = ["GET", "DELETE"]
+
+class PullIdConverter(BaseConverter):
+    """Only well-formed ids route to a stream: ``start`` is never taken for one,
+    so the 405 for ``DELETE .../stream/start`` lists just GET in Allow."""
+
+    regex = PULL_ID_PATTERN
 
 
-@bp.before_request
-def _refuse_head() -> None:
-    # Flask answers HEAD with the GET view; here that would open or advance a stream.
-    if request.method == "HEAD":
-        raise MethodNotAllowed(valid_methods=_ALLOWED)
+@bp.record_once
+def _register_converter(state: object) -> None:
+    app: Flask = state.app  # type: ignore[attr-defined]
+    app.url_map.converters["pull_id"] = PullIdConverter
+
+
+def forbid_head(app: Flask) -> None:
+    """Drop the HEAD that Flask adds to GET routes: here it would open or advance a stream."""
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint.startswith(f"{bp.name}.") and rule.methods:
+            rule.methods.discard("HEAD")
 
 
 def _pull_next(ispb: str, pull_id: str) -> str:
@@ -56,25 +67,16 @@ def start(ispb: str) -> Response:
     return _respond(ispb, service.start(ispb, batch), multipart)
 
 
-@bp.get("/<interation_id>")
+@bp.get("/<pull_id:interation_id>")
 def pull(ispb: str, interation_id: str) -> Response:
     ispb, multipart = _read_params(ispb)
-    _check_id(ispb, interation_id)
     service = runtime().streams
     batch = service.settings.max_batch if multipart else 1
     return _respond(ispb, service.pull(ispb, interation_id, batch), multipart)
 
 
-@bp.delete("/<interation_id>")
+@bp.delete("/<pull_id:interation_id>")
 def close(ispb: str, interation_id: str) -> Response:
-    if interation_id == "start":
-        raise MethodNotAllowed(valid_methods=["GET"])
     ispb = parse_ispb(ispb)
-    _check_id(ispb, interation_id)
     runtime().streams.close(ispb, interation_id)
     return Response("{}", 200, mimetype="application/json")
-
-
-def _check_id(ispb: str, interation_id: str) -> None:
-    if not is_well_formed_pull_id(interation_id):
-        raise StreamNotFound(f"no stream of ISPB {ispb} has the id {interation_id!r}")

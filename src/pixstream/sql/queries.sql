@@ -38,8 +38,13 @@ RETURNING size;
 -- claiming right now, bound to the pull they will be delivered with.
 WITH claimable AS (
     SELECT id FROM pix_message
-    WHERE recipient_ispb = %(ispb)s AND pull_id IS NULL
-    ORDER BY id
+    -- The ISPB as a range, not an equality, with ORDER BY recipient_ispb, id:
+    -- only the queued index (recipient_ispb, id) WHERE pull_id IS NULL yields
+    -- that order. With "=", the planner reduces the order to id alone and,
+    -- misjudging where the queued rows are, may walk the primary key through
+    -- the whole collected history (measured: 18 ms instead of 0.2 ms at 100k).
+    WHERE recipient_ispb >= %(ispb)s AND recipient_ispb <= %(ispb)s AND pull_id IS NULL
+    ORDER BY recipient_ispb, id
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
