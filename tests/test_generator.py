@@ -152,9 +152,10 @@ def test_amounts(generated: tuple[list[dict[str, Any]], datetime, datetime]) -> 
         assert Decimal("0.01") <= value <= Decimal("5000000.00"), value
     median = statistics.median(amounts)
     assert Decimal(5) <= median <= Decimal(500), median
+    # Log-normal around R$ 40: about 0.7% reach R$ 1,000, about 0.1% R$ 2,000.
     large = sum(1 for value in amounts if value >= 1000)
-    assert 0.005 * len(amounts) <= large <= 0.2 * len(amounts), large
-    assert max(amounts) >= 10_000
+    assert 0.003 * len(amounts) <= large <= 0.2 * len(amounts), large
+    assert max(amounts) >= 2000
     assert len(set(amounts)) > 10_000
 
 
