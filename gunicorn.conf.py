@@ -3,11 +3,14 @@
 Every value can be overridden on the command line or with GUNICORN_CMD_ARGS.
 """
 
+import json
 import multiprocessing
 import os
 import shutil
 import signal
 import tempfile
+
+from gunicorn import util
 
 # The Procfile convention: listen on $PORT, on every interface.
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
@@ -78,3 +81,22 @@ def worker_exit(server, worker):
     app = getattr(worker, "wsgi", None)
     if app is not None:
         app.extensions[EXTENSION].stop()
+
+
+def _write_problem(sock, status_int, reason, mesg):
+    """gunicorn's own errors (414, 431, malformed requests) as problem+json too.
+
+    gunicorn answers requests it cannot parse before the app sees them, with
+    an HTML page; every 4xx/5xx of this service is RFC 9457 instead.
+    """
+    body = json.dumps(
+        {"type": "about:blank", "title": reason, "status": status_int, "detail": mesg or reason}
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+        f"Content-Type: application/problem+json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+util.write_error = _write_problem

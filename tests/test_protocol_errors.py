@@ -199,11 +199,6 @@ def test_problem_documents_ignore_the_accept_header(quick):
 
 
 @pytest.mark.server
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: gunicorn answers an over-long request line (414) or header (431) itself, "
-    "with text/html, not application/problem+json",
-)
 def test_server_level_4xx_are_problem_json_too(start_server):
     server = start_server()
     try:
