@@ -192,11 +192,6 @@ def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkey
         server.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a statement on a pooled connection to a database that stopped answering "
-    "(frozen host, network partition) waits forever: no client-side deadline on queries",
-)
 def test_unresponsive_database_answers_503_in_time(postgres):
     url = postgres.get_uri()
     server = Server(

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,10 @@ from pixstream.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 _embedded_lock = threading.Lock()
+
+# Find a vanished database host in seconds, not at the kernel's default of hours.
+KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+              "keepalives_count": 3}  # fmt: skip
 
 
 def embedded_url(data_dir: str) -> str:
@@ -56,14 +61,31 @@ def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool
         # starts a fresh one, so a database that comes back after a long outage
         # is used within seconds, not after a backoff grown to minutes.
         reconnect_timeout=max(2.0, timeout),
-        kwargs={
-            "connect_timeout": max(1, int(timeout)),
-            # Find a vanished database host in seconds, not at the kernel's default hours.
-            "keepalives": 1,
-            "keepalives_idle": 10,
-            "keepalives_interval": 5,
-            "keepalives_count": 3,
-        },
+        kwargs={"connect_timeout": max(1, int(timeout)), **KEEPALIVES},
+    )
+
+
+def _gevent_running() -> bool:
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    return gevent_monkey is not None and gevent_monkey.is_module_patched("socket")
+
+
+def _deadline(seconds: float) -> AbstractContextManager[object]:
+    """Bound this greenlet's database work, socket waits included.
+
+    libpq has no client-side statement timeout: a database that stops
+    answering (a frozen host, a partition) would hold a request forever. Under
+    gevent, which is how pixstream is served, a greenlet blocked on its socket
+    can be interrupted; the connection is then left mid-query, so the pool
+    discards it. Plain threads (the dev server) cannot be; TCP keepalives are
+    their only bound.
+    """
+    if not _gevent_running():
+        return nullcontext()
+    import gevent
+
+    return gevent.Timeout(
+        seconds, DatabaseUnavailable(f"the database did not answer within {seconds:g} s")
     )
 
 
@@ -73,23 +95,25 @@ def transaction(
 ) -> Iterator[psycopg.Connection]:
     """Lend a pooled connection inside one transaction; the caller owns its scope.
 
-    An unreachable database, at checkout or mid-statement, becomes
-    DatabaseUnavailable (503) instead of a hang or a 500. ``timeout`` shortens
-    the wait for a connection below the pool's own.
+    The whole of it, from waiting for a connection to the commit, must finish
+    within ``timeout`` (the pool's timeout by default); an unreachable or
+    unresponsive database becomes DatabaseUnavailable (503), never a hang or a 500.
     """
+    limit = pool.timeout if timeout is None else timeout
     try:
-        metrics.POOL_WAITING.inc()
-        try:
-            conn = pool.getconn(timeout)
-        finally:
-            metrics.POOL_WAITING.dec()
-        metrics.POOL_IN_USE.inc()
-        try:
-            with conn.transaction():
-                yield conn
-        finally:
-            pool.putconn(conn)
-            metrics.POOL_IN_USE.dec()
+        with _deadline(limit):
+            metrics.POOL_WAITING.inc()
+            try:
+                conn = pool.getconn(limit)
+            finally:
+                metrics.POOL_WAITING.dec()
+            metrics.POOL_IN_USE.inc()
+            try:
+                with conn.transaction():
+                    yield conn
+            finally:
+                pool.putconn(conn)
+                metrics.POOL_IN_USE.dec()
     except PoolTimeout as exc:
         raise DatabaseUnavailable("no database connection could be had in time") from exc
     except psycopg.OperationalError as exc:

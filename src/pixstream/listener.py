@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from pixstream import metrics
+from pixstream import db, metrics
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,9 @@ class Listener:
         first = True
         while not self._closing.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, connect_timeout=3) as conn:
+                with psycopg.connect(
+                    self._conninfo, autocommit=True, connect_timeout=3, **db.KEEPALIVES
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._connected.set()
                     metrics.LISTENER_CONNECTED.set(1)
