@@ -212,6 +212,29 @@ def postgres_cpu_seconds(postmaster: int | None) -> float:
     )
 
 
+class BackendCpu:
+    """CPU of the backends serving one database (this bench's), read from /proc by pid."""
+
+    def __init__(self, db: Database) -> None:
+        self.dbname = db.name
+        self.conn = psycopg.connect(db.admin_url or db.url, autocommit=True)
+
+    def snapshot(self) -> dict[int, float]:
+        rows = self.conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (self.dbname,),
+        ).fetchall()
+        return {int(pid): proc_cpu_seconds(int(pid)) for (pid,) in rows}
+
+    @staticmethod
+    def spent(before: dict[int, float], after: dict[int, float]) -> float:
+        """CPU between two snapshots (a backend that exited meanwhile is not counted)."""
+        return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def proc_cpu_seconds(pid: int) -> float:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -516,6 +539,8 @@ class CpuMeter:
 
     server: Gunicorn | None = None
     postmaster: int | None = None
+    backends: BackendCpu | None = None
+    _backends: dict[int, float] = field(default_factory=dict)
     _wall: float = 0.0
     _postgres: float = 0.0
     _client: float = 0.0
@@ -534,6 +559,8 @@ class CpuMeter:
         self._server = self.server.cpu_seconds() if self.server else 0.0
         self._machine = _machine_ticks()
         self._postgres = postgres_cpu_seconds(self.postmaster)
+        if self.backends:
+            self._backends = self.backends.snapshot()
         return self
 
     def stop(self) -> dict[str, float]:
@@ -554,6 +581,12 @@ class CpuMeter:
         if self.postmaster:
             postgres_s = postgres_cpu_seconds(self.postmaster) - self._postgres
             self.result["postgres_cpu_share"] = round(postgres_s / wall, 3)
+        if self.backends:
+            spent = self.backends.spent(self._backends, self.backends.snapshot())
+            self.result["db_backends_cpu_s"] = round(spent, 3)
+            self.result["db_backends_cpu_share"] = round(spent / wall, 3)
+        if self.server:
+            self.result["gunicorn_cpu_s"] = round(server_s, 3)
         return self.result
 
 

@@ -81,7 +81,8 @@ class Load:
                 else:
                     if len(self.errors) < 20:
                         self.errors.append(f"{reply.status} {reply.body[:160]!r}")
-                    gevent.sleep(1)  # 503: the same request is safe to repeat
+                    # 503: the same request is safe to repeat, after Retry-After.
+                    gevent.sleep(float(reply.headers.get("retry-after", 1)))
                     continue
                 path = reply.pull_next or path
         except gevent.GreenletExit:
@@ -95,20 +96,27 @@ class Load:
             conn.close()
 
 
-def waiting_requests(port: int) -> int | None:
-    """The server's own count of reads waiting (all workers), from /metrics; None without it."""
+NO_METRICS = -1
+NO_ANSWER = -2
+
+
+def waiting_requests(port: int) -> int:
+    """The server's own count of reads waiting (all workers), from /metrics.
+
+    NO_METRICS when the server has no such metric, NO_ANSWER when it did not answer in time.
+    """
     try:
         conn = c.HttpConn("127.0.0.1", port, timeout=10)
         reply = conn.request("GET", "/metrics")
         conn.close()
     except OSError:
-        return None
+        return NO_ANSWER
     if reply.status != 200:
-        return None
+        return NO_METRICS
     for line in reply.body.decode(errors="replace").splitlines():
         if line.startswith("pixstream_waiting_requests") and not line.startswith("#"):
             return int(float(line.split()[-1]))
-    return None
+    return NO_METRICS
 
 
 def pusher(port: int, ispbs: list[str], rate: float, until: float, load: Load) -> dict:
@@ -159,7 +167,7 @@ def main() -> None:
     hold = result["hold"]
     met = (
         result["collectors_connected"] >= polls
-        and result["waiting_at_hold_start"] is not None
+        and isinstance(result["waiting_at_hold_start"], int)
         and result["waiting_at_hold_start"] >= polls * 0.99
         and result["late_204"] == 0
         and result["bad_answers"] == 0
@@ -220,11 +228,11 @@ def run(server: c.Gunicorn, postmaster: int | None, opts) -> dict:
     ramp_sent = time.perf_counter() - ramp_started
 
     # Wait for the server to report every collector waiting (or give it a fixed delay).
-    waiting = None
+    waiting = NO_ANSWER
     deadline = time.perf_counter() + 60
     while time.perf_counter() < deadline:
         waiting = waiting_requests(port)
-        if waiting is None:
+        if waiting == NO_METRICS:
             gevent.sleep(10)
             break
         if waiting >= polls * 0.99:
@@ -242,7 +250,8 @@ def run(server: c.Gunicorn, postmaster: int | None, opts) -> dict:
     waiting_samples = []
     while time.perf_counter() < until:
         gevent.sleep(2)
-        waiting_samples.append(waiting_requests(port))
+        sample = waiting_requests(port)
+        waiting_samples.append(None if sample < 0 else sample)
     posted = push_job.get(timeout=30)
     gevent.sleep(0.5)  # the last push's delivery
     hold_cpu = hold_meter.stop()
@@ -268,7 +277,10 @@ def run(server: c.Gunicorn, postmaster: int | None, opts) -> dict:
         "collectors_connected": load.connected,
         "ramp_send_seconds": round(ramp_sent, 1),
         "ramp_seconds_until_all_waiting": round(ramp_seconds, 1),
-        "waiting_at_hold_start": waiting,
+        "waiting_at_hold_start": {NO_METRICS: "no metric", NO_ANSWER: "no answer"}.get(
+            waiting, waiting
+        ),
+        "metrics_scrapes_unanswered": sum(1 for w in waiting_samples if w is None),
         "waiting_during_hold_min": min((w for w in waiting_samples if w is not None), default=None),
         "first_answer_p50_s": round(c.percentile(load.first_answer, 50) or 0, 3),
         "first_answer_max_s": round(max(load.first_answer, default=0), 3),

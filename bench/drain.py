@@ -52,7 +52,7 @@ def collect(port: int, ispb: str, out: list[tuple[float, list[dict]]], errors: l
 
 
 def drain_once(
-    port: int, messages: int, collectors: int, server: c.Gunicorn, postmaster: int | None
+    port: int, messages: int, collectors: int, server: c.Gunicorn, backends: c.BackendCpu
 ) -> dict:
     ispb = c.random_ispb()
     seeder = c.HttpConn("127.0.0.1", port, timeout=120)
@@ -64,7 +64,7 @@ def drain_once(
         raise RuntimeError(f"inserted {inserted}, wanted {messages}")
     batches: list[tuple[float, list[dict]]] = []
     errors: list[str] = []
-    meter = c.CpuMeter(server, postmaster).start()
+    meter = c.CpuMeter(server, backends=backends).start()
     started = time.perf_counter()
     jobs = [gevent.spawn(collect, port, ispb, batches, errors) for _ in range(collectors)]
     gevent.joinall(jobs, timeout=300)
@@ -73,6 +73,7 @@ def drain_once(
     ids = [doc["endToEndId"] for _, batch in batches for doc in batch]
     wrong_ispb = sum(1 for _, batch in batches for doc in batch if doc["recebedor"]["ispb"] != ispb)
     elapsed = last - started
+    requests = sum(j.value or 0 for j in jobs)
     return {
         "messages_received": len(ids),
         "unique": len(set(ids)),
@@ -80,7 +81,9 @@ def drain_once(
         "exactly_once": len(ids) == messages and len(set(ids)) == messages and not wrong_ispb,
         "seconds": round(elapsed, 3),
         "messages_per_s": round(len(set(ids)) / elapsed, 1) if elapsed > 0 else None,
-        "requests": sum(j.value or 0 for j in jobs),
+        "requests": requests,
+        "gunicorn_cpu_ms_per_request": round(1000 * cpu["gunicorn_cpu_s"] / requests, 3),
+        "db_cpu_ms_per_request": round(1000 * cpu["db_backends_cpu_s"] / requests, 3),
         "mean_batch": round(len(ids) / max(1, len(batches)), 2),
         "seed_s": round(seed_s, 3),
         "errors": errors[:5],
@@ -102,20 +105,21 @@ def main() -> None:
     with c.database() as db:
         server = c.Gunicorn(db.url, workers=opts.workers,
                             settings={"LONG_POLL_SECONDS": LONG_POLL_SECONDS})  # fmt: skip
-        postmaster = c.postmaster_pid(db.url)
+        backends = c.BackendCpu(db)
         try:
             c.log("drain warm-up")
-            drain_once(server.port, 2000, opts.collectors, server, postmaster)
+            drain_once(server.port, 2000, opts.collectors, server, backends)
             runs = []
             for run in range(opts.runs):
                 c.log(f"drain run {run + 1}/{opts.runs}")
                 runs.append(
-                    drain_once(server.port, opts.messages, opts.collectors, server, postmaster)
+                    drain_once(server.port, opts.messages, opts.collectors, server, backends)
                 )
                 c.log(f"  {runs[-1]['messages_per_s']} messages/s")
             errors = server.error_lines()
             statuses = server.status_counts()
         finally:
+            backends.close()
             server.stop()
     rate = c.median([r["messages_per_s"] for r in runs])
     exact = all(r["exactly_once"] for r in runs)
@@ -132,7 +136,11 @@ def main() -> None:
             "exactly_once_all_runs": exact,
             "client_cpu_share": c.median([r["client_cpu_share"] for r in runs]),
             "gunicorn_cpu_share": c.median([r["gunicorn_cpu_share"] for r in runs]),
-            "postgres_cpu_share": c.median([r.get("postgres_cpu_share") for r in runs]),
+            "db_backends_cpu_share": c.median([r["db_backends_cpu_share"] for r in runs]),
+            "gunicorn_cpu_ms_per_request": c.median(
+                [r["gunicorn_cpu_ms_per_request"] for r in runs]
+            ),
+            "db_cpu_ms_per_request": c.median([r["db_cpu_ms_per_request"] for r in runs]),
             "machine_cpu_cores_busy": c.median([r["machine_cpu_cores_busy"] for r in runs]),
             "target_messages_per_s": TARGET_RATE,
             "met": bool(rate is not None and rate >= TARGET_RATE and exact),
