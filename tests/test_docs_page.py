@@ -45,26 +45,31 @@ FLAGS = (
 )
 STREAM_ROUTE = "/api/pix/{ispb}/stream/start"
 
-# Resolves once Swagger UI has rendered every operation, or an error box
-# (failed fetch or parse; unsupported OpenAPI version).
-RENDERED = """
+# Resolves once the condition holds; rejects on Swagger UI's error box (failed
+# fetch or parse, unsupported OpenAPI version) or after 20 s.
+UNTIL = """
 new Promise((resolve, reject) => {
-  const done = () => {
+  const ready = () => %s;
+  const check = () => {
     const failed = document.querySelector('.errors-wrapper, .version-pragma');
-    if (failed || document.querySelectorAll('.opblock').length >= %d) {
+    if (failed) {
       observer.disconnect();
-      resolve(document.body.innerText);
+      reject(new Error(failed.innerText));
+    } else if (ready()) {
+      observer.disconnect();
+      resolve(true);
     }
   };
-  const observer = new MutationObserver(done);
+  const observer = new MutationObserver(check);
   observer.observe(document.documentElement, {childList: true, subtree: true});
   setTimeout(() => {
     observer.disconnect();
-    reject(new Error('not rendered in time: ' + document.body.innerText));
+    reject(new Error('timed out: ' + document.body.innerText));
   }, 20000);
-  done();
+  check();
 })
 """
+OPEN_ROWS = "Array.from(document.querySelectorAll('.opblock.is-open %s')).map(row => %s)"
 
 
 class Browser:
@@ -230,10 +235,10 @@ def test_docs_page_renders_every_route_without_errors(browser, server, tmp_path)
     openapi = json.loads(openapi_document())
     operations = sum(1 for item in openapi["paths"].values() for key in item if key != "parameters")
     browser.open(f"{server.base}/docs")
-    text = browser.evaluate(RENDERED % operations)
+    browser.evaluate(UNTIL % f"document.querySelectorAll('.opblock').length >= {operations}")
+    text = browser.evaluate("document.body.innerText")
 
     assert browser.errors() == []
-    assert "Unable to render" not in text
     assert "pixstream" in text
     for path in openapi["paths"]:
         assert path in text
@@ -241,10 +246,34 @@ def test_docs_page_renders_every_route_without_errors(browser, server, tmp_path)
     # Every file the page loaded came from this server.
     loaded = browser.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
     assert loaded and all(url.startswith(server.base + "/") for url in loaded), loaded
-
     browser.screenshot(tmp_path / "docs-page.png")
     if target := os.environ.get("DOCS_SCREENSHOT"):
         shutil.copyfile(tmp_path / "docs-page.png", target)
+
+    # Opened, the start operation shows every parameter and response it documents.
+    start = openapi["paths"][STREAM_ROUTE]["get"]
+    browser.evaluate(
+        f"ui.layoutActions.show(['operations', 'streams', '{start['operationId']}'], true)"
+    )
+    browser.evaluate(UNTIL % "document.querySelector('.opblock.is-open .responses-table')")
+    parameters = browser.evaluate(
+        OPEN_ROWS % ("tr[data-param-name]", "row.dataset.paramName + ' ' + row.dataset.paramIn")
+    )
+    documented = [deref(openapi, parameter) for parameter in start["parameters"]]
+    assert parameters == [f"{p['name']} {p['in']}" for p in documented]
+    codes = browser.evaluate(OPEN_ROWS % ("tr.response[data-code]", "row.dataset.code"))
+    assert codes == list(start["responses"])
+    assert browser.errors() == []
+
+
+def deref(openapi: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """Follow a local ``$ref`` (``#/components/...``)."""
+    while "$ref" in node:
+        target: Any = openapi
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            target = target[part]
+        node = target
+    return node
 
 
 def test_the_harness_sees_console_errors_exceptions_and_failed_loads(browser):
