@@ -10,6 +10,11 @@ pull) with the queued rows the newest:
 - tail-queued: 99.9% collected, the steady state of a long-running service;
 - half-collected: a backlog as large as the history, e.g. after a seed;
 - all-queued: a fresh seed, nothing collected yet.
+
+The last two guard a regression: with ``recipient_ispb = %(ispb)s ... ORDER BY
+id`` the planner chose to walk pix_message_pkey with a filter there, reading the
+collected history (or other ISPBs' backlog) before the first queued row: 18 ms
+instead of 0.2 ms at 100,000 rows, growing with the table.
 """
 
 from __future__ import annotations
@@ -146,13 +151,7 @@ def test_claim_never_scans_the_table(conn: psycopg.Connection, ispb: str, limit:
 
 
 @pytest.mark.parametrize(("ispb", "limit"), CASES)
-def test_claim_reads_the_queued_index(
-    request: pytest.FixtureRequest,
-    scenario: tuple[str, str],
-    conn: psycopg.Connection,
-    ispb: str,
-    limit: int,
-) -> None:
+def test_claim_reads_the_queued_index(conn: psycopg.Connection, ispb: str, limit: int) -> None:
     scans, text = explain(conn, ispb, limit)
     # The other scan of pix_message is the UPDATE finding each claimed row by id.
     finders = [n for n in scans if "claimable" not in n.get("Index Cond", "")]
