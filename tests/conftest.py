@@ -165,6 +165,9 @@ class Server:
         return Path(self.log.name).read_text(errors="replace")
 
     def stop(self) -> None:
+        # Close our keep-alive connection first: an idle one holds a stopping
+        # worker until its keep-alive timeout runs out.
+        self.http.close()
         if self.process.poll() is None:
             self.process.terminate()
             try:

@@ -83,8 +83,11 @@ def validate(config: Config) -> None:
             f"than {_env_name('LONG_POLL_SECONDS')} ({config['LONG_POLL_SECONDS']})"
         )
     if config["POOL_TIMEOUT_SECONDS"] >= config["LONG_POLL_SECONDS"] + 2:
+        # A request that cannot get a connection must still answer (503) close
+        # to the long-poll window, never long after it.
         raise ConfigError(
-            f"{_env_name('POOL_TIMEOUT_SECONDS')} must be shorter than the long-poll window"
+            f"{_env_name('POOL_TIMEOUT_SECONDS')} ({config['POOL_TIMEOUT_SECONDS']}) must be "
+            f"less than {_env_name('LONG_POLL_SECONDS')} + 2 ({config['LONG_POLL_SECONDS']} + 2)"
         )
     if config["LOG_FORMAT"] not in ("text", "json"):
         raise ConfigError(

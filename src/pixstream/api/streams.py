@@ -41,6 +41,7 @@ def _respond(ispb: str, delivery: Delivery, multipart: bool) -> Response:
     documents = delivery.documents
     if not documents:
         response = Response(status=204)
+        del response.headers["Content-Type"]  # no body, no type
     elif multipart:
         response = Response(f"[{','.join(documents)}]", 200, mimetype="application/json")
     elif len(documents) == 1:
