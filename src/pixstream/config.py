@@ -40,6 +40,9 @@ def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
     config.from_prefixed_env(ENV_PREFIX)
     if os.environ.get("DATABASE_URL"):
         config["DATABASE_URL"] = os.environ["DATABASE_URL"]
+    # A path is a string even when it looks like JSON (from_prefixed_env would make "2024" an int).
+    if f"{ENV_PREFIX}_DATA_DIR" in os.environ:
+        config["DATA_DIR"] = os.environ[f"{ENV_PREFIX}_DATA_DIR"]
     if test_config is not None:
         config.from_mapping(test_config)
     validate(config)
