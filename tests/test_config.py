@@ -190,3 +190,9 @@ def test_non_finite_numbers_are_rejected(
     monkeypatch.setenv(f"PIXSTREAM_{variable}", value)
     with pytest.raises(ConfigError, match=f"PIXSTREAM_{variable}"):
         create_app()
+
+
+def test_data_dir_that_looks_like_json_stays_a_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIXSTREAM_DATA_DIR", "2024")
+    monkeypatch.setenv("DATABASE_URL", UNREACHABLE_URL)
+    assert create_app().config["DATA_DIR"] == "2024"
