@@ -139,7 +139,7 @@ def test_test_config_overrides_environment(
         ({"POOL_TIMEOUT_SECONDS": "60"}, "PIXSTREAM_POOL_TIMEOUT_SECONDS"),
         ({"SWEEP_SECONDS": "-1"}, "PIXSTREAM_SWEEP_SECONDS"),
         ({"SWEEP_SECONDS": "often"}, "PIXSTREAM_SWEEP_SECONDS"),
-        ({"DATA_DIR": '""'}, "PIXSTREAM_DATA_DIR"),
+        ({"DATA_DIR": ""}, "PIXSTREAM_DATA_DIR"),
     ],
 )
 def test_invalid_environment_stops_start_up(
