@@ -214,6 +214,7 @@ def run(server: c.Gunicorn, postmaster: int | None, opts) -> dict:
     sampler = gevent.spawn(sample_rss)
     rss_idle = server.rss_bytes()
 
+    quiet = c.wait_quiet()
     # Ramp up: collectors of all ISPBs interleaved, at a steady rate.
     c.log(f"capacity: ramping up {polls} collectors at {opts.ramp_rate:.0f}/s")
     ramp_meter = c.CpuMeter(server, postmaster).start()
@@ -274,6 +275,7 @@ def run(server: c.Gunicorn, postmaster: int | None, opts) -> dict:
     rss_max = max([b for _, b in rss_samples] + [rss_end])
     hold_requests = sum(load.hold_statuses.values())
     return {
+        "machine_busy_before": quiet,
         "collectors_connected": load.connected,
         "ramp_send_seconds": round(ramp_sent, 1),
         "ramp_seconds_until_all_waiting": round(ramp_seconds, 1),

@@ -111,10 +111,12 @@ def main() -> None:
             drain_once(server.port, 2000, opts.collectors, server, backends)
             runs = []
             for run in range(opts.runs):
-                c.log(f"drain run {run + 1}/{opts.runs}")
+                quiet = c.wait_quiet()
+                c.log(f"drain run {run + 1}/{opts.runs} (machine busy {quiet} cores)")
                 runs.append(
                     drain_once(server.port, opts.messages, opts.collectors, server, backends)
                 )
+                runs[-1]["machine_busy_before"] = quiet
                 c.log(f"  {runs[-1]['messages_per_s']} messages/s")
             errors = server.error_lines()
             statuses = server.status_counts()

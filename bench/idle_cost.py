@@ -143,6 +143,7 @@ def warm_up(server: c.Gunicorn) -> None:
 
 def phase(db: c.Database, monitor: Monitor, workers: int | None, run) -> dict:
     """One gunicorn lifetime: counters before, start, warm up, ``run(server)``, stop, counters."""
+    quiet = c.wait_quiet()
     xacts0, sessions0 = monitor.counters()
     server = c.Gunicorn(db.url, workers=workers)
     try:
@@ -152,6 +153,7 @@ def phase(db: c.Database, monitor: Monitor, workers: int | None, run) -> dict:
         result["seconds"] = time.monotonic() - started
         result["server_errors"] = server.error_lines()[:5]
         result["workers"] = server.workers
+        result["machine_busy_before"] = quiet
     finally:
         server.stop()
     xacts1, sessions1 = monitor.counters()

@@ -145,8 +145,10 @@ def main() -> None:
         try:
             runs = []
             for run in range(opts.runs):
-                c.log(f"push_latency run {run + 1}/{opts.runs}")
+                quiet = c.wait_quiet()
+                c.log(f"push_latency run {run + 1}/{opts.runs} (machine busy {quiet} cores)")
                 runs.append(run_rounds(server.port, opts.collectors, opts.rounds, opts.warmup))
+                runs[-1]["machine_busy_before"] = quiet
             errors = server.error_lines()
         finally:
             server.stop()
