@@ -130,6 +130,9 @@ class Server:
             env[f"PIXSTREAM_{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
         env["WEB_CONCURRENCY"] = str(workers)
         env["PORT"] = str(self.port)
+        # Tags this server's connections, so readiness can count its listeners.
+        self.app_name = env.setdefault("PGAPPNAME", f"pixstream-test-{self.port}")
+        self.database_url = database_url
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             prefix="gunicorn-", suffix=".log", delete=False
         )
@@ -142,24 +145,29 @@ class Server:
         self._wait_ready(workers)
 
     def _wait_ready(self, workers: int, timeout: float = 30) -> None:
+        """Poll, with a deadline, until /readyz answers and every worker listens."""
         deadline = time.monotonic() + timeout
-        ready = 0
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited:\n{self.output()}")
             try:
-                # Each new connection may land on another worker: wait until
-                # several in a row answer ready, so every worker listens.
-                if self.http.request("GET", "/readyz", fresh=True).status == 200:
-                    ready += 1
-                    if ready >= workers * 3:
-                        return
-                    continue
+                ready = self.http.request("GET", "/readyz", fresh=True).status == 200
             except OSError:
-                pass
-            ready = 0
-            time.sleep(0.05)  # polling a process we started for its port to open
+                ready = False
+            if ready and self.listeners() >= workers:
+                return
+            time.sleep(0.05)  # polling a process we started, with a deadline
         raise RuntimeError(f"gunicorn not ready in {timeout} s:\n{self.output()}")
+
+    def listeners(self) -> int:
+        """How many of this server's LISTEN connections the database sees."""
+        with psycopg.connect(self.database_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+                " AND query IN ('LISTEN pix_inserted', 'SELECT 1')",
+                (self.app_name,),
+            ).fetchone()
+        return int(row[0]) if row else 0
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

@@ -70,7 +70,7 @@ def _gevent_running() -> bool:
     return gevent_monkey is not None and gevent_monkey.is_module_patched("socket")
 
 
-def _deadline(seconds: float) -> AbstractContextManager[object]:
+def deadline(seconds: float) -> AbstractContextManager[object]:
     """Bound this greenlet's database work, socket waits included.
 
     libpq has no client-side statement timeout: a database that stops
@@ -101,7 +101,7 @@ def transaction(
     """
     limit = pool.timeout if timeout is None else timeout
     try:
-        with _deadline(limit):
+        with deadline(limit):
             metrics.POOL_WAITING.inc()
             try:
                 conn = pool.getconn(limit)

@@ -23,10 +23,12 @@ from contextlib import contextmanager
 import psycopg
 
 from pixstream import db, metrics
+from pixstream.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "pix_inserted"
+_PROBE_DEADLINE = 5.0  # seconds for the liveness probe to answer
 
 
 class Wakeup:
@@ -147,7 +149,7 @@ class Listener:
                     # Notifications sent while nobody listened are gone: everyone re-checks.
                     self._wake_all()
                     self._listen(conn)
-            except psycopg.Error as exc:
+            except (psycopg.Error, DatabaseUnavailable) as exc:
                 if not self._closing.is_set():
                     log.warning("listener connection lost: %s", exc)
             finally:
@@ -161,5 +163,7 @@ class Listener:
             for notify in conn.notifies(timeout=self._probe_seconds):
                 self._wake(notify.payload)
             # A quiet channel says nothing about the connection: probe it, so a
-            # dead socket is found within probe_seconds, not at the next insert.
-            conn.execute("SELECT 1")
+            # dead socket (or a frozen server) is found within probe_seconds,
+            # not at the next insert.
+            with db.deadline(_PROBE_DEADLINE):
+                conn.execute("SELECT 1")

@@ -11,6 +11,8 @@ from pixstream.runtime import runtime
 
 bp = Blueprint("health", __name__)
 
+_PROBE_TIMEOUT = 0.8  # seconds, for the database and listener checks together
+
 
 @bp.get("/healthz")
 def healthz() -> Response:
@@ -24,12 +26,13 @@ def readyz() -> Response:
     current = runtime()
     failures = []
     try:
-        with db.transaction(current.pool) as conn:
+        # Probes time out quickly (Kubernetes: 1 s); so must this check.
+        with db.transaction(current.pool, timeout=_PROBE_TIMEOUT) as conn:
             store.ping(conn)
     except DatabaseUnavailable as exc:
         failures.append(f"database: {exc}")
     # A worker that just started may still be connecting: allow it a moment.
-    if not current.listener.wait_connected(1.0):
+    if not current.listener.wait_connected(_PROBE_TIMEOUT / 2):
         failures.append("listener: not listening on pix_inserted")
     if failures:
         return problem(503, "Not ready", "; ".join(failures), headers={"Retry-After": "2"})
