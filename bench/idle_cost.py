@@ -120,12 +120,15 @@ def collector(port: int, ispb: str, record: dict) -> None:
         conn.close()
 
 
-def close_streams(port: int, records: list[dict]) -> None:
+def close_streams(port: int, records: list[dict]) -> int:
+    """DELETE every stream (one transaction each, taken out of the count); how many closed."""
     conn = c.HttpConn("127.0.0.1", port)
+    closed = 0
     for record in records:
         if "last" in record and not record["last"].endswith("/start"):
-            conn.request("DELETE", record["last"])
+            closed += conn.request("DELETE", record["last"]).status == 200
     conn.close()
+    return closed
 
 
 def warm_up(server: c.Gunicorn) -> None:
@@ -193,7 +196,8 @@ def main() -> None:
     scale = measured["seconds"] / baseline["seconds"]
     attributed = measured["transactions"] - baseline["transactions"] * scale
     new_sessions = measured["sessions"] - baseline["sessions"]
-    per = (attributed - new_sessions) / (polls * WINDOWS)
+    # The clean-up DELETEs (one transaction each) are not part of the long polls' cost.
+    per = (attributed - new_sessions - measured["streams_closed_after"]) / (polls * WINDOWS)
     met = (
         per <= TARGET_PER_POLL_WINDOW + 0.05
         and measured["queries_started_while_waiting_excluding_sweeper"] == 0
@@ -210,7 +214,7 @@ def main() -> None:
             "long_poll_seconds": LONG_POLL,
             "transactions_per_poll_per_window": round(per, 3),
             "transactions_per_poll_per_window_incl_connects": round(
-                attributed / (polls * WINDOWS), 3
+                (attributed - measured["streams_closed_after"]) / (polls * WINDOWS), 3
             ),
             "transactions_attributed": round(attributed, 1),
             "connections_opened_for_the_load": new_sessions,
@@ -240,7 +244,7 @@ def collect(server: c.Gunicorn, monitor: Monitor, ispbs: int, per_ispb: int) -> 
         samples.append((time.time(), monitor.activity()))
         gevent.sleep(0.1)
     cpu = meter.stop()
-    close_streams(port, records)
+    closed = close_streams(port, records)
 
     errors = [r["error"] for r in records if "error" in r]
     errors += sorted({r["bad"] for r in records if "bad" in r})
@@ -282,6 +286,7 @@ def collect(server: c.Gunicorn, monitor: Monitor, ispbs: int, per_ispb: int) -> 
     sweeper = ("expire_idle_streams", "count_all_open_streams", "COMMIT")
     not_sweeper = sum(n for name, n in by_name.items() if name not in sweeper)
     return {
+        "streams_closed_after": closed,
         "waiting_seconds_observed": round(waiting_seconds, 2),
         "queries_started_while_waiting": by_name,
         "queries_started_while_waiting_excluding_sweeper": not_sweeper,
