@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,7 +39,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from conftest import Server, with_dbname
+from conftest import ROOT, Server, with_dbname
 from httpclient import HttpClient, Reply
 from pixstream import migrate, store
 from pixstream.generator import COLUMNS, MessageFactory
@@ -1190,3 +1192,32 @@ def test_graceful_deploy_answers_waiters_at_once_and_continues_elsewhere(start_s
         for client in on_old:
             client.close()
     assert conservation(db, [waiting, holding], ledger, allowed=set(), label="deploy") == set()
+
+
+# --------------------------------------------------------------------------- chaos soak
+
+
+def test_chaos_soak_ci_sized(server_url):
+    """bench/soak.py, small: misbehaving collectors, killed workers and listeners."""
+    seconds = os.environ.get("PIXSTREAM_SOAK_SECONDS", "20")
+    env = {k: v for k, v in os.environ.items() if k != "PGAPPNAME"}
+    env["DATABASE_URL"] = server_url  # the soak makes a scratch database on this server
+    command = [
+        sys.executable, str(ROOT / "bench" / "soak.py"), "--duration", seconds,
+        "--ispbs", "4", "--rate", "30", "--workers", "2", "--chaos-every", "3",
+        "--drain-limit", "40",
+    ]  # fmt: skip
+    proc = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=float(seconds) + 200
+    )
+    print(proc.stderr[-2500:])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert lines, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(lines[-1])
+    assert "error" not in result, result
+    ledger = result["ledger"]
+    assert ledger["inserted"] > 0 and ledger["lost"] == 0, ledger
+    assert ledger["duplicates_outside_contract"] == 0, ledger["duplicates_outside_examples"]
+    assert not result["violations"], result["violations"]
+    assert sum(result["chaos"].values()) >= 2, result["chaos"]
+    assert proc.returncode == 0
