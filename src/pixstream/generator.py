@@ -18,7 +18,7 @@ from functools import cache
 from faker import Faker
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, store
+from pixstream import db, metrics, store
 
 # Real Pix participants (ISPB, name): payers are drawn from these.
 PARTICIPANTS: tuple[tuple[str, str], ...] = (
@@ -303,6 +303,7 @@ def insert_random(
         with db.transaction(pool) as conn:
             written = store.copy_messages(conn, factory.rows(ispb, size))
         inserted += written
+        metrics.MESSAGES_INSERTED.inc(written)
         if on_batch is not None:
             on_batch(written)
     return inserted

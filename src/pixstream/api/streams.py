@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Flask, Response, request
 from werkzeug.routing import BaseConverter
 
+from pixstream import metrics
 from pixstream.api.params import parse_ispb, wants_multipart
 from pixstream.errors import NotAcceptable
 from pixstream.runtime import runtime
@@ -50,6 +51,7 @@ def _respond(ispb: str, delivery: Delivery, multipart: bool) -> Response:
         raise NotAcceptable(
             "this id's batch was delivered as multipart/json; repeat it with the same Accept"
         )
+    metrics.LONG_POLLS.labels(str(response.status_code)).inc()
     response.headers["Pull-Next"] = _pull_next(ispb, delivery.pull_next)
     response.headers["Cache-Control"] = "no-store"
     return response
