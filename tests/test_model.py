@@ -91,6 +91,9 @@ STEPS = int(os.environ.get("PIXSTREAM_MODEL_STEPS", "25"))
 
 MULTIPART = "multipart/json"
 ACCEPTS = (None, "application/json", "*/*", MULTIPART)  # all but the last: one message
+SAME = "the stream's own"  # continue with the Accept the stream was started with
+# Half the reads keep the stream's Accept, the others draw one afresh.
+READ_ACCEPTS = st.one_of(st.just(SAME), st.sampled_from(ACCEPTS))
 PULL_NEXT = re.compile(r"/api/pix/(?P<ispb>[0-9]{8})/stream/(?P<id>[a-z0-9]{12,64})")
 UNKNOWN_ID = "z" * 24  # well formed, never issued (issued ids are random)
 
@@ -128,14 +131,11 @@ class Stream:
     batch: list[int] = field(default_factory=list)  # messages bound to `current`
     confirmed: bool = True  # the batch bound to `current` is confirmed (or empty)
     batch_body: bytes | None = None  # the body that delivered `batch`
+    batch_multipart: bool = False  # whether it was asked for as multipart/json
     last_seen: datetime | None = None  # pix_stream.last_seen_at as last read
     refreshed: bool = False  # a successful request since last_seen was read
     last: Request | None = None  # its latest request with an id, for retries
     last_reply: tuple[int, bytes, str | None] | None = None
-
-    @property
-    def multipart(self) -> bool:
-        return self.accept == MULTIPART
 
 
 @dataclass
@@ -246,14 +246,14 @@ def expect_empty(reply: Reply) -> None:
     expect(reply.body == b"", "204 with a body")
 
 
-def expect_batch(stream: Stream, messages: list[Message], reply: Reply) -> None:
-    """A 200 carrying exactly ``messages``, in this order, to ``stream``."""
+def expect_batch(req: Request, messages: list[Message], reply: Reply) -> None:
+    """A 200 carrying exactly ``messages``, in this order, shaped for ``req``'s Accept."""
     wanted = [m.e2e for m in messages]
     expect(reply.status == 200, f"status {reply.status}, expected 200 with {wanted}")
     content_type = reply.header("Content-Type") or ""
     expect(content_type.startswith("application/json"), f"content type {content_type}")
     body = json.loads(reply.body, parse_float=Decimal)
-    if stream.multipart:
+    if req.multipart:
         expect(isinstance(body, list), f"multipart body is not an array: {reply.body[:80]!r}")
         documents = body
     else:
@@ -263,7 +263,7 @@ def expect_batch(stream: Stream, messages: list[Message], reply: Reply) -> None:
     expect(got == wanted, f"delivered {got}, expected the oldest queued {wanted}")
     for message, document in zip(messages, documents, strict=True):
         recipient = document["recebedor"]["ispb"]
-        expect(recipient == stream.ispb, f"{message.e2e} for {recipient} sent to {stream.ispb}")
+        expect(recipient == req.ispb, f"{message.e2e} for {recipient} sent to {req.ispb}")
         text = json.dumps(document, sort_keys=True, default=str)
         if message.document is None:
             message.document = text
@@ -299,19 +299,28 @@ def apply(model: Model, req: Request, reply: Reply) -> None:
         stream.state = "deleted"
         return
     if req.pull == stream.replay:
-        expect(reply.status == 200, f"replay status {reply.status}, expected 200")
-        expect(reply.body == stream.batch_body, "replay body differs from the original answer")
+        batch = [model.messages[m] for m in stream.batch]
+        if req.multipart == stream.batch_multipart:
+            expect(reply.status == 200, f"replay status {reply.status}, expected 200")
+            expect(reply.body == stream.batch_body, "replay body differs from the original")
+        elif len(batch) > 1:  # a batch of several, asked for again as one message
+            expect_problem(reply, 406)
+            stream.last_seen = None  # the stream was touched all the same
+            return
+        else:  # the same message, as an array of one or as a single object
+            expect_batch(req, batch, reply)
         expect_same_pull(reply, stream.ispb, stream.current)
     elif req.pull == stream.current:
         model.confirm(stream)
         model.expire_idle(stream.ispb)  # batches abandoned by idle streams: claimable now
-        claimable = model.queued(stream.ispb)[: MAX_BATCH if stream.multipart else 1]
+        claimable = model.queued(stream.ispb)[: MAX_BATCH if req.multipart else 1]
         stream.hidden_replay = None
         if claimable:
-            expect_batch(stream, claimable, reply)
+            expect_batch(req, claimable, reply)
             pull = fresh_pull(model, reply, stream.ispb)
             model.claim(stream, claimable, pull)
             stream.replay, stream.current, stream.batch_body = req.pull, pull, reply.body
+            stream.batch_multipart = req.multipart
             stream.ids.append(pull)
         else:
             expect_empty(reply)
@@ -331,9 +340,9 @@ def _apply_start(model: Model, req: Request, reply: Reply) -> None:
         expect(retry_after.isdigit() and int(retry_after) >= 1, f"Retry-After {retry_after!r}")
         return
     stream = Stream(len(model.streams), req.ispb, req.accept, refreshed=True)
-    claimable = model.queued(req.ispb)[: MAX_BATCH if stream.multipart else 1]
+    claimable = model.queued(req.ispb)[: MAX_BATCH if req.multipart else 1]
     if claimable:
-        expect_batch(stream, claimable, reply)
+        expect_batch(req, claimable, reply)
     else:
         expect_empty(reply)
     stream.current = fresh_pull(model, reply, req.ispb)
@@ -341,7 +350,7 @@ def _apply_start(model: Model, req: Request, reply: Reply) -> None:
     model.streams.append(stream)
     if claimable:
         model.claim(stream, claimable, stream.current)
-        stream.batch_body = reply.body
+        stream.batch_body, stream.batch_multipart = reply.body, req.multipart
 
 
 def check_model(model: Model) -> None:
@@ -557,8 +566,11 @@ class ProtocolMachine(RuleBasedStateMachine):
             assert got == wanted, f"{message} in the database: (ispb, pull, count, confirmed) {got}"
         check_model(model)
 
-    def _request_on(self, stream: Stream, method: str, pull: str) -> Reply:
-        return self._send(Request(method, stream.ispb, pull, stream.accept, stream.key))
+    def _request_on(
+        self, stream: Stream, method: str, pull: str, accept: str | None = SAME
+    ) -> Reply:
+        accept = stream.accept if accept == SAME else accept
+        return self._send(Request(method, stream.ispb, pull, accept, stream.key))
 
     # -- rules ----------------------------------------------------------------------
 
@@ -604,16 +616,18 @@ class ProtocolMachine(RuleBasedStateMachine):
             self._send(Request("GET", ispb, None, accept))
         assert self._send(Request("GET", ispb, None, accept)).status == 429
 
-    @rule(i=st.integers(0, 7), accept=st.sampled_from(ACCEPTS))
+    @rule(i=st.integers(0, 7), accept=READ_ACCEPTS)
     @step
     def continue_stream(self, i: int, accept: str | None) -> None:
-        """Follow the latest Pull-Next: confirms the batch it delivered, claims the next.
-        With no stream open, open one (this keeps sequences busy with streams)."""
+        """Follow the latest Pull-Next: confirms the batch it delivered, claims the next
+        (as many as this request's Accept allows). With no stream open, open one."""
         if not self.model.live():
-            self._send(Request("GET", pick(list(ISPBS), i), None, accept))
+            self._send(
+                Request("GET", pick(list(ISPBS), i), None, None if accept == SAME else accept)
+            )
             return
         stream = pick(self.model.live(), i)
-        self._request_on(stream, "GET", stream.current)
+        self._request_on(stream, "GET", stream.current, accept)
 
     @precondition(lambda self: any(s.last for s in self.model.streams))
     @rule(i=st.integers(0, 7))
@@ -624,19 +638,20 @@ class ProtocolMachine(RuleBasedStateMachine):
         req, previous = stream.last, stream.last_reply
         assert req is not None and previous is not None
         replays = stream.state == "open" and not stream.idle and req.pull == stream.replay
-        replays = replays and req.method == "GET"
+        replays = replays and req.method == "GET" and req.ispb == stream.ispb
         reply = self._send(req)
         if replays:
             assert (reply.status, reply.body, reply.pull_next) == previous
 
     @precondition(lambda self: any(s.replay for s in self.model.live()))
-    @rule(i=st.integers(0, 7))
+    @rule(i=st.integers(0, 7), accept=READ_ACCEPTS)
     @step
-    def replay(self, i: int) -> None:
-        """Use the id before the latest one while the latest is unused: a replay."""
+    def replay(self, i: int, accept: str | None) -> None:
+        """Use the id before the latest one while the latest is unused: a replay (a batch
+        of several asked for again as one message is a 406)."""
         stream = pick([s for s in self.model.live() if s.replay], i)
         assert stream.replay is not None
-        self._request_on(stream, "GET", stream.replay)
+        self._request_on(stream, "GET", stream.replay, accept)
 
     @precondition(lambda self: any(stale_ids(s) for s in self.model.streams))
     @rule(i=st.integers(0, 7), j=st.integers(0, 7), delete=st.booleans(), closed=st.booleans())
@@ -800,15 +815,17 @@ WALK: list[tuple[str, dict[str, Any]]] = [
     ("seed", {"first": 12, "second": 3}),  # A: m1..m12, B: m13..m15
     ("start", {"ispb": A, "accept": MULTIPART}),  # s0 gets m1..m10
     ("start", {"ispb": A, "accept": None}),  # s1 gets m11
-    ("continue_stream", {"i": 0, "accept": None}),  # s0 confirms m1..m10, gets m12
+    ("continue_stream", {"i": 0, "accept": SAME}),  # s0 confirms m1..m10, gets m12
     ("retry", {"i": 0}),  # s0 repeats: the same m12 answer
-    ("continue_stream", {"i": 0, "accept": None}),  # s0 confirms m12, 204
+    ("continue_stream", {"i": 0, "accept": SAME}),  # s0 confirms m12, 204
     ("use_superseded", {"i": 0, "j": 0, "delete": False, "closed": False}),  # 410
-    ("continue_stream", {"i": 1, "accept": None}),  # s1 confirms m11, 204
+    ("continue_stream", {"i": 1, "accept": SAME}),  # s1 confirms m11, 204
     ("insert", {"ispb": A, "n": 5}),  # m16..m20
-    ("continue_stream", {"i": 1, "accept": None}),  # s1 gets m16
+    ("continue_stream", {"i": 1, "accept": SAME}),  # s1 gets m16
     ("delete_previous", {"i": 0}),  # s1 closed, m16 back in the queue
-    ("continue_stream", {"i": 0, "accept": None}),  # s0 gets m16..m20
+    ("continue_stream", {"i": 0, "accept": SAME}),  # s0 gets m16..m20
+    ("replay", {"i": 0, "accept": "application/json"}),  # five as one message: 406
+    ("replay", {"i": 0, "accept": SAME}),  # the same five again
     ("let_expire", {"i": 0, "probe": False}),  # s0 expires (lazily: at the next start)
     ("start", {"ispb": A, "accept": MULTIPART}),  # s2 gets m16..m20 again
     ("start_beyond_the_limit", {"ispb": A, "accept": None}),  # s3..s7, then 429
@@ -818,10 +835,11 @@ WALK: list[tuple[str, dict[str, Any]]] = [
     ("let_expire", {"i": 6, "probe": True}),  # s8 expires, m13 back; its ids 410
     ("delete_current", {"i": 0}),  # s2 confirms m16..m20 and closes
     ("insert", {"ispb": A, "n": 2}),  # m21, m22
-    ("continue_stream", {"i": 0, "accept": None}),  # s3 gets m21
+    ("continue_stream", {"i": 0, "accept": SAME}),  # s3 gets m21
     ("let_expire", {"i": 0, "probe": False}),  # s3 expires (lazily: at the next claim)
-    ("continue_stream", {"i": 1, "accept": None}),  # another stream gets m21 again
-    ("replay", {"i": 0}),  # and repeats it
+    ("continue_stream", {"i": 1, "accept": SAME}),  # another stream gets m21 again
+    ("replay", {"i": 0, "accept": MULTIPART}),  # and repeats it, as an array of one
+    ("continue_stream", {"i": 1, "accept": MULTIPART}),  # a single stream gets m22, in an array
 ]
 
 
