@@ -979,13 +979,6 @@ def test_pool_exhausted_requests_queue_or_503_and_never_hang(
     conservation(db, ispbs, ledger, label="pool of 2")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a claim after a wake-up may take the whole pool timeout (3 s) whatever is left "
-    "of the window, so a waiter woken late answers up to 3 s past it (503 at 10.5 s for an 8 s "
-    "window); fix: in StreamService._read bound every attempt by min(pool timeout, time left "
-    "+ 1 s), and stop after a woken empty claim that ends past the deadline",
-)
 def test_waiter_woken_as_the_database_stalls_answers_within_the_window_plus_1_s(
     start_server, db, database_url
 ):

@@ -30,7 +30,9 @@ events = logging.getLogger("pixstream.events")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _ID_LENGTH = 24  # 24 symbols of 36: 124 bits, unguessable
-_FINAL_CHECK_TIMEOUT = 1.0  # seconds to get a connection for the end-of-window re-check
+# An answer is due by the end of the long-poll window plus this, even when the
+# database stalls during a wake-up's claim or the end-of-window re-check.
+_ANSWER_GRACE = 1.0
 
 
 def new_pull_id() -> str:
@@ -136,7 +138,9 @@ class StreamService:
             try:
                 while True:
                     remaining = deadline - time.monotonic()
-                    woken = remaining > 0 and wakeup.wait(remaining)
+                    if remaining <= 0:
+                        break  # a claim that ended past the window was the last check
+                    woken = wakeup.wait(remaining)
                     if self._listener.closing:
                         break  # shutting down: answer 204 now, the stream stays valid
                     wakeup.clear()  # before the claim: a later insert must wake us again
@@ -144,8 +148,11 @@ class StreamService:
                     # (a notification can be lost while the listener reconnects).
                     delivery = self._attempt(
                         ispb, delivery.pull_next, batch_size,
-                        # The last re-check must not push the answer far past the window.
-                        connection_timeout=None if woken else _FINAL_CHECK_TIMEOUT,
+                        # No claim may push the answer far past the window.
+                        time_limit=min(
+                            self._pool.timeout,
+                            max(0.1, deadline + _ANSWER_GRACE - time.monotonic()),
+                        ),
                     )  # fmt: skip
                     if delivery.documents:
                         if woken:
@@ -162,13 +169,13 @@ class StreamService:
         ispb: str,
         pull_id: str | None,
         batch_size: int,
-        connection_timeout: float | None = None,
+        time_limit: float | None = None,
     ) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
         started = time.perf_counter()
         # Refusals are raised after the commit, so that the lazy expiry they
         # may have done (and its redeliveries) is kept.
-        with db.transaction(self._pool, timeout=connection_timeout) as conn:
+        with db.transaction(self._pool, timeout=time_limit) as conn:
             if pull_id is None:
                 delivery = self._open(conn, ispb, batch_size)
                 if delivery is None:
