@@ -232,6 +232,8 @@ class Collector:
         self.previous: str | None = None  # the id whose GET produced the batch held now
         self.holding: str | None = None  # the Pull-Next of the batch held now, unconfirmed
         self.stopping = False
+        self.sent_at = 0.0  # when the last request went out
+        self.answered_at: float | None = None  # the last 200/204 on the current stream
 
     @property
     def answer_bound(self) -> float:
@@ -259,6 +261,7 @@ class Collector:
 
     def _get(self, path: str) -> c.Reply | None:
         """GET ``path``; None if the connection was lost (the caller decides what next)."""
+        self.sent_at = time.monotonic()
         try:
             self.conn.send("GET", path, ACCEPT)
             reply = self.conn.receive()
@@ -275,14 +278,28 @@ class Collector:
         return reply
 
     def _settle(self, path: str, reply: c.Reply | None) -> None:
-        """Act on the answer to GET ``path``."""
-        if reply is None:
-            # The worker may have died. Retrying is safe; sometimes forget instead.
-            if path != self.start and self.rng.random() < 0.3:
+        """Act on the answer to GET ``path``.
+
+        No answer (the worker may have died) or a 503: the stream may have
+        moved on without us, so repeat the very request (retries are safe)
+        before anything else; or, now and then, forget the stream instead.
+        """
+        for _ in range(40):
+            if reply is not None and reply.status != 503:
+                break
+            self.answered_at = None  # what the server did is unknown until it answers
+            if reply is None and path != self.start and self.rng.random() < 0.3:
                 reason = "worker killed" if self.ledger.recent_kill() else "connection lost"
                 self._forget(f"forgotten after a lost connection ({reason})")
-            else:
+                return
+            if reply is None:
                 self.pause(0.05)
+            else:  # Retry-After, though at most a second: a soak wants traffic
+                retry_after = min(float(reply.headers.get("retry-after", "1")), 1.0)
+                self.pause(retry_after * (0.2 + 0.8 * self.rng.random()))
+            reply = self._get(path)
+        if reply is None or reply.status == 503:
+            self._forget("gave up retrying")
             return
         status = reply.status
         if status in (200, 204):
@@ -291,6 +308,7 @@ class Collector:
                 self._forget("bad Pull-Next")
                 return
             self.ledger.confirm(path)
+            self.answered_at = time.monotonic()
             if status == 200:
                 self.ledger.deliver(self.ispb, reply, self.index)
                 self.previous, self.holding = path, reply.pull_next
@@ -298,8 +316,9 @@ class Collector:
                 self.previous, self.holding = None, None
             self.path = reply.pull_next
         elif status == 410:
+            self._check_expiry(path)
             self._forget("stream expired (410)", released_after=0.0)
-        elif status == 429 or status == 503:
+        elif status == 429:
             # Honour Retry-After, though at most a second: a soak wants traffic.
             retry_after = min(float(reply.headers.get("retry-after", "1")), 1.0)
             self.pause(retry_after * (0.2 + 0.8 * self.rng.random()))
@@ -311,9 +330,27 @@ class Collector:
             self.pause(0.5)
 
     def _forget(self, reason: str, released_after: float | None = None) -> None:
+        """Give the stream up; the batch held, if any, was never confirmed."""
         if self.holding is not None:
             self.ledger.drop(self.holding, reason, released_after)
+        self._reset()
+
+    def _reset(self) -> None:
+        """Next move: a new stream."""
         self.path, self.previous, self.holding = self.start, None, None
+        self.answered_at = None
+
+    def _check_expiry(self, path: str) -> None:
+        """A 410 for a stream in use is a broken promise: it must not have expired yet.
+
+        The server last touched the stream at most a window before our last answer
+        on it; it may expire once idle for STREAM_IDLE_SECONDS.
+        """
+        if self.answered_at is None:
+            return
+        quiet = self.sent_at - self.answered_at + SETTINGS["LONG_POLL_SECONDS"]
+        if quiet < SETTINGS["STREAM_IDLE_SECONDS"] - 0.5:
+            self.ledger.violation(f"410 for {path}, a stream in use (quiet {quiet:.1f} s at most)")
 
     # -- the moves
 
@@ -362,9 +399,11 @@ class Collector:
         status = self._delete(self.path)
         if status == 200:
             self.ledger.confirm(self.path)
-            self.path, self.previous, self.holding = self.start, None, None
+            self._reset()
         elif status == 410:
             self._forget("stream expired (410)", released_after=0.0)
+        elif status is None:
+            self._forget("DELETE unanswered")
 
     def _delete_previous(self) -> None:
         """Close with the id before the current one: the batch held now goes back."""
@@ -374,37 +413,60 @@ class Collector:
         status = self._delete(self.previous)
         if status == 200:
             self.ledger.drop(self.holding, "deleted with the previous id", sent_at)
-            self.path, self.previous, self.holding = self.start, None, None
+            self._reset()
         elif status == 410:
             self._forget("stream expired (410)", released_after=0.0)
+        elif status is None:
+            self._forget("DELETE unanswered")
 
     def _delete(self, path: str) -> int | None:
-        try:
-            reply = self.conn.request("DELETE", path)
-        except OSError:
-            self.conn.close()
-            self.ledger.statuses["connection lost"] += 1
-            return None
-        self.ledger.statuses[f"DELETE {reply.status}"] += 1
-        if reply.status == 404:
-            self.ledger.violation(f"DELETE {path}: 404 for an id the server issued")
-        elif reply.status >= 500 and reply.status != 503:
-            self.ledger.violation(f"DELETE {path}: {reply.status} {reply.body[:200]!r}")
-        return reply.status
+        """DELETE ``path``; its status, or None if no definitive answer came.
+
+        A DELETE whose answer was lost is repeated; the repeat of one that went
+        through answers 410 (the stream is closed), so after a lost answer a 410
+        says nothing (None): the batch may have been confirmed, or given back.
+        """
+        self.sent_at = time.monotonic()
+        answer_lost = False
+        for _ in range(20):
+            try:
+                self.conn.send("DELETE", path)
+                reply = self.conn.receive()
+            except OSError:
+                self.conn.close()
+                self.ledger.statuses["connection lost"] += 1
+                answer_lost = True
+                self.pause(0.05)
+                continue
+            self.ledger.statuses[f"DELETE {reply.status}"] += 1
+            if reply.status == 503:
+                answer_lost = True  # it may have committed before the deadline struck
+                self.pause(0.2)
+                continue
+            if reply.status == 410 and answer_lost:
+                self.ledger.statuses["DELETE 410 after a lost answer"] += 1
+                return None
+            if reply.status == 410:
+                self._check_expiry(path)
+            elif reply.status == 404:
+                self.ledger.violation(f"DELETE {path}: 404 for an id the server issued")
+            elif reply.status >= 500:
+                self.ledger.violation(f"DELETE {path}: {reply.status} {reply.body[:200]!r}")
+            return reply.status
+        return None
 
     def close(self) -> None:
         """Leave cleanly: DELETE the current id (confirms the batch held)."""
-        for _ in range(10):
-            if self.path == self.start:
-                return
-            status = self._delete(self.path)
-            if status == 200:
-                self.ledger.confirm(self.path)
-                return
-            if status == 410:
-                self._forget("stream expired (410)", released_after=0.0)
-                return
-            self.pause(0.2)
+        if self.path == self.start:
+            return
+        status = self._delete(self.path)
+        if status == 200:
+            self.ledger.confirm(self.path)
+            self._reset()
+        elif status == 410:
+            self._forget("stream expired (410)", released_after=0.0)
+        else:
+            self._forget("DELETE unanswered")
 
 
 # --------------------------------------------------------------------------- producer, chaos
@@ -455,15 +517,18 @@ def chaos(
 ) -> None:
     """Now and then: SIGKILL a random worker, or terminate every listener backend."""
     conn = connect(url)
+    rng = random.Random(random.random())
+    kill = rng.random() < 0.5  # the two kinds take turns, from a random one
     try:
         while True:
-            gevent.sleep(random.uniform(0.5, 1.5) * every)
+            gevent.sleep(rng.uniform(0.5, 1.5) * every)
             if time.monotonic() >= until:
                 return
-            if random.random() < 0.5:
+            kill = not kill
+            if kill:
                 workers = server.worker_pids()
                 if workers:
-                    victim = random.choice(workers)
+                    victim = rng.choice(workers)
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(victim, signal.SIGKILL)
                     ledger.chaos.append((time.time(), "kill"))
