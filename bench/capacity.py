@@ -48,6 +48,7 @@ class Load:
         self.errors: list[str] = []
         self.connected = 0
         self.push_failures: list[str] = []
+        self.error_kinds: set[str] = set()
 
     def _count(self, key: str, sent: float) -> None:
         self.statuses[key] = self.statuses.get(key, 0) + 1
@@ -62,9 +63,17 @@ class Load:
             conn.connect()
             self.connected += 1
             while not self.stopping:
-                conn.send("GET", path, ACCEPT)
                 sent = time.perf_counter()
-                reply = conn.receive()
+                try:
+                    conn.send("GET", path, ACCEPT)
+                    reply = conn.receive()
+                except ConnectionError:
+                    # The server closed this keep-alive connection meanwhile (after a
+                    # Retry-After pause, say): the same request again, on a new one.
+                    conn.close()
+                    sent = time.perf_counter()
+                    conn.send("GET", path, ACCEPT)
+                    reply = conn.receive()
                 now = time.perf_counter()
                 if first:
                     self.first_answer.append(now - sent)
@@ -79,8 +88,9 @@ class Load:
                     self.delivered_messages += len(batch)
                     self.arrived.setdefault(ispb, now)
                 else:
-                    if len(self.errors) < 20:
+                    if len(self.errors) < 20 and str(reply.status) not in self.error_kinds:
                         self.errors.append(f"{reply.status} {reply.body[:160]!r}")
+                    self.error_kinds.add(str(reply.status))
                     # 503: the same request is safe to repeat, after Retry-After.
                     gevent.sleep(float(reply.headers.get("retry-after", 1)))
                     continue
@@ -91,7 +101,7 @@ class Load:
             if not self.stopping:
                 self._count("client_error", time.perf_counter())
                 if len(self.errors) < 20:
-                    self.errors.append(repr(exc))
+                    self.errors.append(f"collector stopped: {exc!r}")
         finally:
             conn.close()
 
