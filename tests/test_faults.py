@@ -816,14 +816,6 @@ def test_client_vanishing_mid_response_gets_the_same_batch_on_retry(start_server
     assert conservation(db, [ispb], ledger, allowed=set(), label="vanishing client") == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: DELETE is not replayable: the repeat of a DELETE whose answer was lost gets "
-    "410 instead of the same 200 {} (protocol: 'Retries are safe ... same status'), so the "
-    "client cannot tell a confirmed batch from one given back; fix: in StreamService.close, "
-    "answer 200 again when the stream was closed by a DELETE and the id is its current or "
-    "replay id (needs close_reason in lock_stream_by_pull)",
-)
 def test_client_vanishing_mid_delete_gets_the_same_answer_on_retry(start_server, db):
     server = start_server(workers=1)
     ispb = new_ispb()

@@ -20,7 +20,8 @@ class StreamRow:
     ispb: str
     current_pull: str
     replay_pull: str | None
-    closed: bool
+    close_reason: str | None  # None while open; "deleted" or "expired"
+    closed_by_pull: str | None  # the id a DELETE closed it with
     idle: bool
     current_confirmed: bool
 
@@ -112,8 +113,9 @@ def supersede_replay(conn: psycopg.Connection, stream_id: int) -> None:
     _run(conn, "supersede_replay", {"stream_id": stream_id})
 
 
-def close_stream(conn: psycopg.Connection, stream_id: int, reason: str) -> None:
-    _run(conn, "close_stream", {"stream_id": stream_id, "reason": reason})
+def close_stream(conn: psycopg.Connection, stream_id: int, pull: str) -> None:
+    """Close the stream on a DELETE made with ``pull``."""
+    _run(conn, "close_stream", {"stream_id": stream_id, "pull": pull})
 
 
 def release_pull(conn: psycopg.Connection, pull: str) -> int:

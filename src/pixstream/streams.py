@@ -10,6 +10,7 @@ most one batch. A repeat of the request that produced the current pull
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import string
@@ -88,21 +89,26 @@ class StreamService:
         """Confirm the batch delivered with ``pull_id`` and close its stream.
 
         Closing through the id that preceded the current one means the client
-        never saw the current batch: it goes back to the queue.
+        never saw the current batch: it goes back to the queue. Repeating a
+        DELETE that closed the stream answers the same again (a client whose
+        answer was lost must learn that its stream is closed, not that it is gone).
         """
+        released = 0
         with db.transaction(self._pool) as conn:
             stream = self._locked_stream(conn, ispb, pull_id)
-            closed = stream is not None and pull_id in (stream.current_pull, stream.replay_pull)
-            if stream is not None and closed:
+            usable = pull_id in (stream.current_pull, stream.replay_pull)
+            repeat = stream.close_reason == "deleted" and pull_id == stream.closed_by_pull
+            if usable and stream.close_reason is None:
                 if pull_id == stream.current_pull:
                     metrics.MESSAGES_CONFIRMED.inc(store.confirm_pull(conn, pull_id))
-                    released = 0
                 else:
                     released = store.release_pull(conn, stream.current_pull)
                     if released:
                         store.notify_ispbs(conn, [ispb])
-                store.close_stream(conn, stream.id, "deleted")
-        if stream is None or not closed:
+                store.close_stream(conn, stream.id, pull_id)
+        if repeat:
+            return
+        if not usable or stream.close_reason is not None:
             raise StreamGone(f"stream id {pull_id} was superseded, closed or expired")
         metrics.STREAMS_CLOSED.inc()
         _event("closed", ispb, stream.id, requeued=released)
@@ -131,7 +137,7 @@ class StreamService:
         # Subscribe before the first claim: an insert committed after that
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
-            delivery = self._attempt(ispb, pull_id, batch_size)
+            delivery = self._attempt(ispb, pull_id, batch_size, self._time_limit(deadline))
             if delivery.documents or self._listener.closing:
                 return delivery
             metrics.WAITING.inc()
@@ -147,13 +153,8 @@ class StreamService:
                     # On a wake-up, claim; at the end of the window, re-check once
                     # (a notification can be lost while the listener reconnects).
                     delivery = self._attempt(
-                        ispb, delivery.pull_next, batch_size,
-                        # No claim may push the answer far past the window.
-                        time_limit=min(
-                            self._pool.timeout,
-                            max(0.1, deadline + _ANSWER_GRACE - time.monotonic()),
-                        ),
-                    )  # fmt: skip
+                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline)
+                    )
                     if delivery.documents:
                         if woken:
                             metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
@@ -164,12 +165,12 @@ class StreamService:
                 metrics.WAITING.dec()
         return delivery
 
+    def _time_limit(self, deadline: float) -> float:
+        """How long one claim may take: never pushing the answer far past the window."""
+        return min(self._pool.timeout, max(0.1, deadline + _ANSWER_GRACE - time.monotonic()))
+
     def _attempt(
-        self,
-        ispb: str,
-        pull_id: str | None,
-        batch_size: int,
-        time_limit: float | None = None,
+        self, ispb: str, pull_id: str | None, batch_size: int, time_limit: float
     ) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
         started = time.perf_counter()
@@ -210,7 +211,7 @@ class StreamService:
         self, conn: psycopg.Connection, ispb: str, pull_id: str, batch_size: int
     ) -> Delivery | None:
         stream = self._locked_stream(conn, ispb, pull_id)
-        if stream is None:
+        if stream.close_reason is not None:
             return None
         if pull_id == stream.replay_pull:
             # A repeat of the request that produced the current batch.
@@ -241,10 +242,8 @@ class StreamService:
             _event("redelivered", ispb, stream_id, messages=claimed.redelivered)
         return Delivery(next_pull, claimed.documents)
 
-    def _locked_stream(
-        self, conn: psycopg.Connection, ispb: str, pull_id: str
-    ) -> store.StreamRow | None:
-        """Lock the stream behind ``pull_id``; None when it is closed or expired (410).
+    def _locked_stream(self, conn: psycopg.Connection, ispb: str, pull_id: str) -> store.StreamRow:
+        """Lock the stream behind ``pull_id``.
 
         Raises StreamNotFound for an id never issued, or issued to another ISPB.
         A stream found idle is expired on the spot, before the sweep gets to it.
@@ -252,11 +251,9 @@ class StreamService:
         stream = store.lock_stream(conn, pull_id, idle_seconds=self.settings.idle_seconds)
         if stream is None or stream.ispb != ispb:
             raise StreamNotFound(f"no stream of ISPB {ispb} has the id {pull_id}")
-        if stream.closed:
-            return None
-        if stream.idle:
+        if stream.close_reason is None and stream.idle:
             self._expire(conn, ispb)
-            return None
+            return dataclasses.replace(stream, close_reason="expired")
         return stream
 
 

@@ -19,7 +19,7 @@ VALUES (%(pull)s, %(stream_id)s, %(size)s, CASE WHEN %(confirmed)s THEN now() EN
 -- name: lock_stream_by_pull
 -- Row-locks the stream so that a request and its retry, or a request and the
 -- sweeper, decide one after the other.
-SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.closed_at IS NOT NULL AS closed,
+SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.close_reason, s.closed_by_pull,
        s.last_seen_at < now() - make_interval(secs => %(idle_seconds)s) AS idle,
        p.confirmed_at IS NOT NULL AS current_confirmed
 FROM pix_pull x
@@ -72,7 +72,8 @@ UPDATE pix_stream SET last_seen_at = now() WHERE id = %(stream_id)s;
 UPDATE pix_stream SET replay_pull = NULL, last_seen_at = now() WHERE id = %(stream_id)s;
 
 -- name: close_stream
-UPDATE pix_stream SET closed_at = now(), close_reason = %(reason)s, last_seen_at = now()
+UPDATE pix_stream
+SET closed_at = now(), close_reason = 'deleted', closed_by_pull = %(pull)s, last_seen_at = now()
 WHERE id = %(stream_id)s;
 
 -- name: release_pull
