@@ -20,6 +20,7 @@ import random  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
+import psycopg  # noqa: E402
 from gevent.pool import Group  # noqa: E402
 
 import _common as c  # noqa: E402
@@ -151,6 +152,15 @@ def pusher(port: int, ispbs: list[str], rate: float, until: float, load: Load) -
     return posted
 
 
+def sessions(db: c.Database) -> int:
+    """pg_stat_database.sessions of the bench database (connections ever opened to it)."""
+    with psycopg.connect(db.admin_url or db.url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT sessions FROM pg_stat_database WHERE datname = %s", (db.name,)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def main() -> None:
     args = c.parser(__doc__.split("\n", 1)[0])
     args.add_argument("--ispbs", type=int, default=1000)
@@ -170,10 +180,14 @@ def main() -> None:
     with c.database() as db:
         server = c.Gunicorn(db.url, workers=opts.workers)
         postmaster = c.postmaster_pid(db.url)
+        sessions0 = sessions(db)
         try:
             result = run(server, postmaster, opts)
         finally:
             server.stop()
+        # Connections the server opened while loaded (pool growth, or churn: a pool
+        # that discards connections under load reconnects again and again).
+        result["db_connections_opened"] = sessions(db) - sessions0
     hold = result["hold"]
     met = (
         result["collectors_connected"] >= polls
