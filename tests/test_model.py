@@ -122,6 +122,7 @@ class Stream:
     current: str = ""  # the latest Pull-Next
     ids: list[str] = field(default_factory=list)  # every id the client got, oldest first
     state: str = "open"  # open | deleted | expired
+    closed_by: str | None = None  # the id of the DELETE that closed it
     idle: bool = False  # open, but past its idle window: expires at the next trigger
     db_id: int | None = None
     replay: str | None = None  # the id whose repeat replays the current batch
@@ -279,6 +280,10 @@ def apply(model: Model, req: Request, reply: Reply) -> None:
         expect_problem(reply, 404)  # never issued, or issued to another ISPB
         return
     stream = model.streams[req.stream]
+    if stream.state == "deleted" and req.method == "DELETE" and req.pull == stream.closed_by:
+        expect(reply.status == 200, f"repeated DELETE: {reply.status}, expected 200 again")
+        expect(json.loads(reply.body) == {}, f"DELETE body {reply.body!r}")
+        return
     if stream.state != "open":
         expect_problem(reply, 410)
         return
@@ -296,7 +301,7 @@ def apply(model: Model, req: Request, reply: Reply) -> None:
             return
         expect(reply.status == 200, f"status {reply.status}, expected 200: {reply.body!r}")
         expect(json.loads(reply.body) == {}, f"DELETE body {reply.body!r}")
-        stream.state = "deleted"
+        stream.state, stream.closed_by = "deleted", req.pull
         return
     if req.pull == stream.replay:
         batch = [model.messages[m] for m in stream.batch]
@@ -382,6 +387,7 @@ class StreamRow:
     current_pull: str
     replay_pull: str | None
     close_reason: str | None
+    closed_by_pull: str | None
     last_seen_at: datetime
     idle_before_close: float | None  # seconds from last_seen_at to closed_at
 
@@ -397,8 +403,9 @@ def snapshot(db: psycopg.Connection) -> Snapshot:
     with db.transaction():
         db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         streams = db.execute(
-            "SELECT id, ispb, current_pull, replay_pull, close_reason, last_seen_at,"
-            " extract(epoch FROM closed_at - last_seen_at)::float8 FROM pix_stream"
+            "SELECT id, ispb, current_pull, replay_pull, close_reason, closed_by_pull,"
+            " last_seen_at, extract(epoch FROM closed_at - last_seen_at)::float8"
+            " FROM pix_stream"
         ).fetchall()
         messages = db.execute(
             "SELECT m.id, m.recipient_ispb, m.pull_id, m.delivery_count,"
@@ -554,6 +561,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                     assert row.last_seen_at >= stream.last_seen, f"stream {stream.key}: {row}"
             else:
                 assert row.close_reason == stream.state, f"stream {stream.key}: {row}"
+                assert row.closed_by_pull == stream.closed_by, f"stream {stream.key}: {row}"
             if row.close_reason == "expired":
                 assert row.idle_before_close is not None
                 assert row.idle_before_close >= IDLE, f"expired before its idle window: {row}"
@@ -637,10 +645,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         stream = pick([s for s in self.model.streams if s.last], i)
         req, previous = stream.last, stream.last_reply
         assert req is not None and previous is not None
-        replays = stream.state == "open" and not stream.idle and req.pull == stream.replay
-        replays = replays and req.method == "GET" and req.ispb == stream.ispb
+        live = stream.state == "open" and not stream.idle
+        reading = req.method == "GET" and live and req.pull == stream.replay
+        # The DELETE that closed the stream, repeated, answers 200 {} again.
+        closing = req.method == "DELETE" and stream.state == "deleted"
+        closing = closing and req.pull == stream.closed_by
         reply = self._send(req)
-        if replays:
+        if (reading or closing) and req.ispb == stream.ispb:
             assert (reply.status, reply.body, reply.pull_next) == previous
 
     @precondition(lambda self: any(s.replay for s in self.model.live()))
@@ -661,8 +672,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         candidates = [s for s in self.model.streams if stale_ids(s)]
         chosen = [s for s in candidates if (s.state != "open") == closed]
         stream = pick(chosen or candidates, i)
-        reply = self._request_on(stream, "DELETE" if delete else "GET", pick(stale_ids(stream), j))
-        assert reply.status == 410
+        pull = pick(stale_ids(stream), j)
+        reply = self._request_on(stream, "DELETE" if delete else "GET", pull)
+        assert reply.status == (200 if delete and pull == stream.closed_by else 410)
 
     @precondition(lambda self: self.model.streams)
     @rule(i=st.integers(0, 7), delete=st.booleans(), unknown=st.booleans())
@@ -823,6 +835,7 @@ WALK: list[tuple[str, dict[str, Any]]] = [
     ("insert", {"ispb": A, "n": 5}),  # m16..m20
     ("continue_stream", {"i": 1, "accept": SAME}),  # s1 gets m16
     ("delete_previous", {"i": 0}),  # s1 closed, m16 back in the queue
+    ("retry", {"i": 1}),  # the same DELETE again: 200 again, and nothing changes
     ("continue_stream", {"i": 0, "accept": SAME}),  # s0 gets m16..m20
     ("replay", {"i": 0, "accept": "application/json"}),  # five as one message: 406
     ("replay", {"i": 0, "accept": SAME}),  # the same five again
