@@ -35,18 +35,21 @@ WINDOWS = 2
 TARGET_PER_POLL_WINDOW = 2.0
 
 
-def _statement_names() -> list[tuple[str, re.Pattern[str]]]:
-    """Patterns recognising each named statement as pg_stat_activity shows it ($n params)."""
+def _statement_names() -> list[tuple[str, str]]:
+    """Each named statement as pg_stat_activity shows it: psycopg's $n placeholders."""
     try:
         from pixstream.sql import QUERIES
     except ImportError:  # pragma: no cover - the bench runs in the project's venv
         return []
-    patterns = []
+    rendered = []
     for name, text in QUERIES.items():
-        parts = re.split(r"%\(\w+\)s", text.strip())
-        body = r"\$\d+".join(re.escape(part) for part in parts)
-        patterns.append((name, re.compile(r"\s*" + body + r"\s*", re.S)))
-    return patterns
+        numbers: dict[str, int] = {}
+
+        def number(match: re.Match[str], numbers: dict[str, int] = numbers) -> str:
+            return f"${numbers.setdefault(match.group(1), len(numbers) + 1)}"
+
+        rendered.append((name, re.sub(r"%\((\w+)\)s", number, text.strip()).replace("%%", "%")))
+    return rendered
 
 
 class Monitor:
@@ -91,8 +94,10 @@ class Monitor:
         return [r for r in rows if r[2] not in ("LISTEN pix_inserted", "SELECT 1")]
 
     def name(self, query: str) -> str:
-        for name, pattern in self.names:
-            if pattern.fullmatch(query):
+        """The statement's name; pg_stat_activity cuts long texts (track_activity_query_size)."""
+        query = query.strip()
+        for name, text in self.names:
+            if text == query or (len(query) >= 900 and text.startswith(query)):
                 return name
         return " ".join(query.split())[:60]
 
