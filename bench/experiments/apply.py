@@ -15,6 +15,9 @@ src may need the anchors below updated). The flags, read per request:
   re-check transaction when the listener stayed connected throughout (a
   reconnect bumps a generation counter; it already wakes every waiter).
 - BENCHX_SYNC_OFF: pooled connections use synchronous_commit=off.
+- BENCHX_LAZY_TOUCH (with ONE_TRIP): an empty read rewrites its stream row only
+  when replay_pull changes or last_seen_at is older than a quarter of the idle
+  window, instead of on every read.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ ONE_TRIP = """    def _attempt_one_trip(self, ispb, pull_id, batch_size, time_li
                         ).fetchone()
                     else:
                         row = conn.execute(
-                            "SELECT * FROM pix_continue(%s, %s, %s, %s, %s)",
-                            (ispb, pull_id, next_pull, batch_size, settings.idle_seconds),
+                            "SELECT * FROM pix_continue(%s, %s, %s, %s, %s, %s)",
+                            (ispb, pull_id, next_pull, batch_size, settings.idle_seconds,
+                             settings.idle_seconds / 4 if LAZY_TOUCH else 0.0),
                         ).fetchone()
                 finally:
                     pool.putconn(conn)
@@ -134,6 +138,9 @@ def main() -> None:
 
     streams = pkg / "streams.py"
     patch(streams, "import logging\n", "import logging\nimport os\n")
+    patch(streams, "log = logging.getLogger(__name__)\n",
+          "log = logging.getLogger(__name__)\n"
+          'LAZY_TOUCH = bool(os.environ.get("BENCHX_LAZY_TOUCH"))\n')  # fmt: skip
     subscribe = lines(8, "with self._listener.subscribe(ispb) as wakeup:")
     generation = "generation = self._listener.generation if self._listener.connected else -1"
     patch(streams, subscribe, subscribe + lines(12, generation))

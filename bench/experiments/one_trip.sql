@@ -32,6 +32,7 @@ $$;
 
 CREATE FUNCTION pix_claim_into(
     p_ispb text, p_stream bigint, p_used text, p_next text, p_limit int,
+    p_lazy_touch float8,
     OUT o_pull_next text, OUT o_documents text[], OUT o_redelivered int)
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -52,7 +53,13 @@ BEGIN
     INTO o_documents, o_redelivered
     FROM claimed c;
     IF o_documents IS NULL THEN
-        UPDATE pix_stream SET replay_pull = NULL, last_seen_at = now() WHERE id = p_stream;
+        -- p_lazy_touch > 0: write only when something changes, or when last_seen_at
+        -- is older than p_lazy_touch seconds (well within the idle window), so that
+        -- an empty read of a quiet stream usually writes no tuple at all.
+        UPDATE pix_stream SET replay_pull = NULL, last_seen_at = now()
+        WHERE id = p_stream
+          AND (p_lazy_touch <= 0 OR replay_pull IS NOT NULL
+               OR last_seen_at < now() - make_interval(secs => p_lazy_touch));
         o_pull_next := p_used;
         o_documents := '{}';
         o_redelivered := 0;
@@ -67,7 +74,7 @@ END
 $$;
 
 CREATE FUNCTION pix_continue(
-    p_ispb text, p_pull text, p_next text, p_limit int, p_idle float8,
+    p_ispb text, p_pull text, p_next text, p_limit int, p_idle float8, p_lazy_touch float8,
     OUT o_outcome text, OUT o_pull_next text, OUT o_documents text[], OUT o_confirmed int,
     OUT o_redelivered int, OUT o_stream bigint, OUT o_expired int, OUT o_requeued int)
 LANGUAGE plpgsql AS $$
@@ -119,7 +126,7 @@ BEGIN
     SELECT e.streams, e.released INTO o_expired, o_requeued FROM pix_expire(p_ispb, p_idle) e;
     SELECT c.o_pull_next, c.o_documents, c.o_redelivered
     INTO o_pull_next, o_documents, o_redelivered
-    FROM pix_claim_into(p_ispb, s.id, p_pull, p_next, p_limit) c;
+    FROM pix_claim_into(p_ispb, s.id, p_pull, p_next, p_limit, p_lazy_touch) c;
     o_outcome := CASE WHEN cardinality(o_documents) > 0 THEN 'batch' ELSE 'empty' END;
 END
 $$;
@@ -143,7 +150,7 @@ BEGIN
     INSERT INTO pix_pull (id, stream_id, size, confirmed_at) VALUES (p_pull, o_stream, 0, now());
     SELECT c.o_pull_next, c.o_documents, c.o_redelivered
     INTO o_pull_next, o_documents, o_redelivered
-    FROM pix_claim_into(p_ispb, o_stream, p_pull, p_next, p_limit) c;
+    FROM pix_claim_into(p_ispb, o_stream, p_pull, p_next, p_limit, 0) c;
     o_outcome := CASE WHEN cardinality(o_documents) > 0 THEN 'batch' ELSE 'empty' END;
 END
 $$;
