@@ -70,11 +70,18 @@ class Listener:
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
         self.reconnects = 0
+        # Bumped on every (re)connection: a waiter that saw the same generation
+        # connected before its claim and after its wait missed no notification.
+        self.generation = 0
 
     @property
     def connected(self) -> bool:
         """True while LISTEN is in force, i.e. wake-ups are being delivered."""
         return self._connected.is_set()
+
+    def listening_generation(self) -> int | None:
+        """The current connection's generation, or None while not listening."""
+        return self.generation if self._connected.is_set() else None
 
     @property
     def closing(self) -> bool:
@@ -138,6 +145,7 @@ class Listener:
                     self._conninfo, autocommit=True, connect_timeout=3, **db.KEEPALIVES
                 ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    self.generation += 1
                     self._connected.set()
                     metrics.LISTENER_CONNECTED.set(1)
                     if not first:

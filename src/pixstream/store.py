@@ -108,9 +108,12 @@ def touch_stream(conn: psycopg.Connection, stream_id: int) -> None:
     _run(conn, "touch_stream", {"stream_id": stream_id})
 
 
-def supersede_replay(conn: psycopg.Connection, stream_id: int) -> None:
-    """The current pull was used: older ids answer 410 from now on."""
-    _run(conn, "supersede_replay", {"stream_id": stream_id})
+def supersede_replay(conn: psycopg.Connection, stream_id: int, answer_in: float) -> None:
+    """The current pull was used: older ids answer 410 from now on.
+
+    The request counts as made when its answer is due, ``answer_in`` seconds on.
+    """
+    _run(conn, "supersede_replay", {"stream_id": stream_id, "answer_in": answer_in})
 
 
 def close_stream(conn: psycopg.Connection, stream_id: int, pull: str) -> None:

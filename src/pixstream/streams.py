@@ -30,15 +30,20 @@ log = logging.getLogger(__name__)
 events = logging.getLogger("pixstream.events")
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
-_ID_LENGTH = 24  # 24 symbols of 36: 124 bits, unguessable
+_ID_LENGTH = 25  # 36**25 > 2**128: every bit of the random number shows
 # An answer is due by the end of the long-poll window plus this, even when the
 # database stalls during a wake-up's claim or the end-of-window re-check.
 _ANSWER_GRACE = 1.0
 
 
 def new_pull_id() -> str:
-    """Return a fresh, unguessable interationId."""
-    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(_ID_LENGTH))
+    """Return a fresh, unguessable interationId: 128 random bits in base 36."""
+    number = int.from_bytes(secrets.token_bytes(16))
+    symbols = []
+    for _ in range(_ID_LENGTH):
+        number, digit = divmod(number, 36)
+        symbols.append(_ID_ALPHABET[digit])
+    return "".join(symbols)
 
 
 PULL_ID_PATTERN = "[a-z0-9]{12,64}"  # what any id this service issues looks like
@@ -133,11 +138,15 @@ class StreamService:
 
     def _read(self, ispb: str, pull_id: str | None, batch_size: int) -> Delivery:
         batch_size = max(1, min(batch_size, self.settings.max_batch))
-        deadline = time.monotonic() + self.settings.long_poll_seconds
+        window = self.settings.long_poll_seconds
+        deadline = time.monotonic() + window
         # Subscribe before the first claim: an insert committed after that
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
-            delivery = self._attempt(ispb, pull_id, batch_size, self._time_limit(deadline))
+            listening = self._listener.listening_generation()
+            delivery = self._attempt(
+                ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window
+            )
             if delivery.documents or self._listener.closing:
                 return delivery
             metrics.WAITING.inc()
@@ -149,12 +158,22 @@ class StreamService:
                     woken = wakeup.wait(remaining)
                     if self._listener.closing:
                         break  # shutting down: answer 204 now, the stream stays valid
+                    if (
+                        not woken
+                        and listening is not None
+                        and (self._listener.listening_generation() == listening)
+                    ):
+                        # Listened throughout on one connection: no notification
+                        # was missed, so the empty claim still stands. (After a
+                        # reconnect, the listener has woken everyone anyway.)
+                        break
                     wakeup.clear()  # before the claim: a later insert must wake us again
-                    # On a wake-up, claim; at the end of the window, re-check once
-                    # (a notification can be lost while the listener reconnects).
+                    # On a wake-up, claim; at the end of a window in which the
+                    # listener reconnected, re-check once: notifications were lost.
                     delivery = self._attempt(
-                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline)
-                    )
+                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
+                        answer_in=max(0.0, deadline - time.monotonic()),
+                    )  # fmt: skip
                     if delivery.documents:
                         if woken:
                             metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
@@ -170,7 +189,13 @@ class StreamService:
         return min(self._pool.timeout, max(0.1, deadline + _ANSWER_GRACE - time.monotonic()))
 
     def _attempt(
-        self, ispb: str, pull_id: str | None, batch_size: int, time_limit: float
+        self,
+        ispb: str,
+        pull_id: str | None,
+        batch_size: int,
+        time_limit: float,
+        *,
+        answer_in: float,
     ) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
         started = time.perf_counter()
@@ -178,7 +203,7 @@ class StreamService:
         # may have done (and its redeliveries) is kept.
         with db.transaction(self._pool, timeout=time_limit) as conn:
             if pull_id is None:
-                delivery = self._open(conn, ispb, batch_size)
+                delivery = self._open(conn, ispb, batch_size, answer_in)
                 if delivery is None:
                     metrics.STREAMS_REFUSED.inc()
                     refusal: Exception = TooManyStreams(
@@ -187,7 +212,7 @@ class StreamService:
                         retry_after=max(1, round(self.settings.long_poll_seconds)),
                     )
             else:
-                delivery = self._continue(conn, ispb, pull_id, batch_size)
+                delivery = self._continue(conn, ispb, pull_id, batch_size, answer_in)
                 if delivery is None:
                     refusal = StreamGone(f"stream id {pull_id} was superseded, closed or expired")
         metrics.CLAIM_DURATION.observe(time.perf_counter() - started)
@@ -195,7 +220,9 @@ class StreamService:
             raise refusal
         return delivery
 
-    def _open(self, conn: psycopg.Connection, ispb: str, batch_size: int) -> Delivery | None:
+    def _open(
+        self, conn: psycopg.Connection, ispb: str, batch_size: int, answer_in: float
+    ) -> Delivery | None:
         """Open a stream and claim its first batch; None when the ISPB is at its limit."""
         store.lock_ispb(conn, ispb)
         self._expire(conn, ispb)
@@ -205,10 +232,10 @@ class StreamService:
         stream_id = store.insert_stream(conn, ispb, pull_id)
         metrics.STREAMS_OPENED.inc()
         _event("opened", ispb, stream_id)
-        return self._claim(conn, ispb, stream_id, pull_id, batch_size)
+        return self._claim(conn, ispb, stream_id, pull_id, batch_size, answer_in)
 
     def _continue(
-        self, conn: psycopg.Connection, ispb: str, pull_id: str, batch_size: int
+        self, conn: psycopg.Connection, ispb: str, pull_id: str, batch_size: int, answer_in: float
     ) -> Delivery | None:
         stream = self._locked_stream(conn, ispb, pull_id)
         if stream.close_reason is not None:
@@ -223,16 +250,27 @@ class StreamService:
             metrics.MESSAGES_CONFIRMED.inc(store.confirm_pull(conn, pull_id))
         # Lazy expiry: batches abandoned by idle streams become claimable now.
         self._expire(conn, ispb)
-        return self._claim(conn, ispb, stream.id, pull_id, batch_size)
+        return self._claim(conn, ispb, stream.id, pull_id, batch_size, answer_in)
 
     def _claim(
-        self, conn: psycopg.Connection, ispb: str, stream_id: int, used_pull: str, batch_size: int
+        self,
+        conn: psycopg.Connection,
+        ispb: str,
+        stream_id: int,
+        used_pull: str,
+        batch_size: int,
+        answer_in: float,
     ) -> Delivery:
-        """Claim the next batch for a stream whose current pull ``used_pull`` was just used."""
+        """Claim the next batch for a stream whose current pull ``used_pull`` was just used.
+
+        An empty claim dates the stream's last request to when its answer is
+        due (``answer_in`` seconds on), since idleness counts from the end of
+        the last response and that answer may come without another transaction.
+        """
         next_pull = new_pull_id()
         claimed = store.claim_batch(conn, ispb, next_pull, batch_size)
         if not claimed.documents:
-            store.supersede_replay(conn, stream_id)
+            store.supersede_replay(conn, stream_id, answer_in)
             return Delivery(used_pull, [])
         size = len(claimed.documents)
         store.advance_stream(conn, stream_id, next_pull, size=size, replay=used_pull)

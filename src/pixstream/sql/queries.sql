@@ -68,8 +68,11 @@ WHERE id = %(stream_id)s;
 UPDATE pix_stream SET last_seen_at = now() WHERE id = %(stream_id)s;
 
 -- name: supersede_replay
--- The current pull was used: older ids are superseded from now on.
-UPDATE pix_stream SET replay_pull = NULL, last_seen_at = now() WHERE id = %(stream_id)s;
+-- The current pull was used: older ids are superseded from now on. Idleness
+-- counts from the end of the answer, which a long poll gives answer_in seconds on.
+UPDATE pix_stream
+SET replay_pull = NULL, last_seen_at = now() + make_interval(secs => %(answer_in)s)
+WHERE id = %(stream_id)s;
 
 -- name: close_stream
 UPDATE pix_stream
