@@ -95,12 +95,8 @@ def advance_stream(
     conn: psycopg.Connection, stream_id: int, pull: str, *, size: int, replay: str
 ) -> None:
     """Make ``pull`` (whose batch was just claimed) current; a repeat of ``replay`` replays it."""
-    _run(
-        conn,
-        "insert_pull",
-        {"pull": pull, "stream_id": stream_id, "size": size, "confirmed": False},
-    )
-    _run(conn, "advance_stream", {"stream_id": stream_id, "pull": pull, "replay": replay})
+    _run(conn, "advance_stream", {"stream_id": stream_id, "pull": pull, "size": size,
+                                  "replay": replay})  # fmt: skip
 
 
 def touch_stream(conn: psycopg.Connection, stream_id: int) -> None:

@@ -60,6 +60,11 @@ SELECT document, delivery_count > 1 AS redelivered FROM claimed ORDER BY id;
 SELECT pix_message_document(m) FROM pix_message m WHERE m.pull_id = %(pull)s ORDER BY m.id;
 
 -- name: advance_stream
+-- Record the new pull and make it current, in one round trip (a data-modifying
+-- CTE runs whether or not it is referenced).
+WITH new_pull AS (
+    INSERT INTO pix_pull (id, stream_id, size) VALUES (%(pull)s, %(stream_id)s, %(size)s)
+)
 UPDATE pix_stream
 SET current_pull = %(pull)s, replay_pull = %(replay)s, last_seen_at = now()
 WHERE id = %(stream_id)s;
