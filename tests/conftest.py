@@ -70,6 +70,20 @@ def database_url(server_url: str) -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture
+def scratch_database(server_url: str) -> Iterator[str]:
+    """A brand-new, empty database of this test's own; dropped afterwards."""
+    name = f"pixstream_scratch_{secrets.token_hex(4)}"
+    admin = with_dbname(server_url, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_dbname(server_url, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture(autouse=True)
 def clean_database(request: pytest.FixtureRequest) -> None:
     """Empty the tables before each test that touches the database."""

@@ -4,26 +4,18 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 from flask import Flask
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pixstream.sql import migrations
 
 RATE = re.compile(r"inserted (\d+) messages for (\d{8}) in [0-9.]+ s \(([0-9,]+) messages/s\)")
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
 
 
 def count(db: psycopg.Connection, ispb: str) -> int:
@@ -94,17 +86,8 @@ def test_db_upgrade_when_current(app: Flask) -> None:
 
 
 @pytest.fixture
-def scratch_url(database_url: str) -> Iterator[str]:
-    """A database of this test's own on the test server, dropped afterwards."""
-    name = f"pixstream_cli_{secrets.token_hex(4)}"
-    admin = with_dbname(database_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(database_url, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def scratch_url(scratch_database: str) -> str:
+    return scratch_database
 
 
 def test_db_upgrade_applies_pending(make_app: Callable[..., Flask], scratch_url: str) -> None:

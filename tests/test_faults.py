@@ -33,12 +33,13 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from _streamkit import wait_for
 from conftest import ROOT, Server, with_dbname
 from httpclient import HttpClient, Reply
 from pixstream import migrate, store
@@ -46,7 +47,6 @@ from pixstream.generator import COLUMNS, MessageFactory
 
 pytestmark = [pytest.mark.faults, pytest.mark.server]
 
-T = TypeVar("T")
 
 MULTIPART = "multipart/json"
 WINDOW = 1.5  # the long poll of conftest.FAST_SETTINGS
@@ -56,20 +56,6 @@ LISTENER_QUERIES = ["LISTEN pix_inserted", "SELECT 1"]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def wait_for(
-    condition: Callable[[], T], *, timeout: float, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what or condition}")
-        time.sleep(interval)  # the polling interval of a condition, not a synchronisation
 
 
 def new_ispb() -> str:

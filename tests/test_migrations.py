@@ -3,13 +3,10 @@ safe when every worker of every host runs it at the same time."""
 
 from __future__ import annotations
 
-import secrets
 import threading
-from collections.abc import Iterator
 
 import psycopg
 import pytest
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pixstream import migrate
 from pixstream.sql import migrations
@@ -17,24 +14,10 @@ from pixstream.sql import migrations
 ALL = [m.name for m in migrations()]
 
 
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
-
-
 @pytest.fixture
-def empty_database(database_url: str) -> Iterator[str]:
-    """A brand-new database without any schema, on the test server; dropped afterwards."""
-    name = f"pixstream_mig_{secrets.token_hex(4)}"
-    admin = with_dbname(database_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_dbname(database_url, name)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def empty_database(scratch_database: str) -> str:
+    """A brand-new database without any schema, on the test server."""
+    return scratch_database
 
 
 def ledger(url: str) -> list[str]:

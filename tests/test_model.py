@@ -45,7 +45,6 @@ import itertools
 import json
 import os
 import re
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from _streamkit import wait_for
 from httpclient import HttpClient, Reply
 
 pytestmark = pytest.mark.server
@@ -427,18 +427,6 @@ def truncate(db: psycopg.Connection) -> None:
         except psycopg.errors.LockNotAvailable:
             continue
     pytest.fail("could not truncate the tables")
-
-
-def wait_for(condition: Callable[[], T], *, timeout: float, what: str) -> T:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(0.02)  # the polling interval of a condition, not a synchronisation
 
 
 def pick(items: list[T], index: int) -> T:

@@ -120,10 +120,6 @@ class Listener:
                     if not waiters:
                         del self._waiters[ispb]
 
-    def waiting(self) -> int:
-        with self._lock:
-            return sum(len(events) for events in self._waiters.values())
-
     def _wake(self, ispb: str) -> None:
         with self._lock:
             events = list(self._waiters.get(ispb, ()))
