@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from pixstream import db, metrics
 from pixstream.errors import DatabaseUnavailable
@@ -137,9 +138,8 @@ class Listener:
         first = True
         while not self._closing.is_set():
             try:
-                with psycopg.connect(
-                    self._conninfo, autocommit=True, connect_timeout=3, **db.KEEPALIVES
-                ) as conn:
+                conninfo = make_conninfo(self._conninfo, connect_timeout=3, **db.KEEPALIVES)
+                with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.generation += 1
                     self._connected.set()

@@ -29,5 +29,5 @@ class Migration(NamedTuple):
 def migrations() -> list[Migration]:
     """Return the migration files in the order they must be applied."""
     folder = resources.files(__package__).joinpath("migrations")
-    files = sorted(f for f in folder.iterdir() if f.name.endswith(".sql"))
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
     return [Migration(f.name.removesuffix(".sql"), f.read_text(encoding="utf-8")) for f in files]
