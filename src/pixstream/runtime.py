@@ -1,8 +1,8 @@
 """Per-process resources: the pool, the listener, the sweeper and the stream service.
 
-They are built by the app factory but started lazily, on first use, which is
-always after gunicorn has forked the worker: nothing holding a socket or a
-thread crosses a fork.
+They are built by the app factory but started only after gunicorn has forked
+the worker (by its post_worker_init hook, or on first use elsewhere): nothing
+holding a socket or a thread crosses a fork.
 """
 
 from __future__ import annotations
