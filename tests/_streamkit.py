@@ -6,7 +6,6 @@ against PostgreSQL. Waiting is always on a condition with a deadline.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 import time
@@ -135,18 +134,6 @@ def documents(reply: Reply) -> list[dict[str, Any]]:
 
 def e2e_ids(reply: Reply) -> list[str]:
     return [doc["endToEndId"] for doc in documents(reply)]
-
-
-def assert_problem(reply: Reply, status: int, *, retry_after: bool = False) -> dict[str, Any]:
-    assert reply.status == status, (reply.status, reply.body[:300])
-    assert reply.header("Content-Type") == "application/problem+json", reply.headers
-    body = json.loads(reply.body)
-    assert set(body) >= {"type", "title", "status", "detail"}, body
-    assert body["status"] == status
-    if retry_after:
-        value = reply.header("Retry-After")
-        assert value is not None and value.isdigit() and int(value) >= 1, reply.headers
-    return body  # type: ignore[no-any-return]
 
 
 def close_all(clients: Iterable[HttpClient]) -> None:

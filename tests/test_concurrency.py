@@ -16,7 +16,6 @@ import pytest
 from _streamkit import (
     MULTIPART,
     app_name,
-    assert_problem,
     close_all,
     e2e_ids,
     insert_messages,
@@ -25,6 +24,7 @@ from _streamkit import (
     warm_up,
 )
 from httpclient import HttpClient, Reply
+from problems import assert_problem
 
 pytestmark = pytest.mark.server
 

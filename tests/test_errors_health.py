@@ -13,7 +13,8 @@ from flask.testing import FlaskClient
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from werkzeug.test import TestResponse
 
-PROBLEM = "application/problem+json"
+from problems import assert_problem
+
 ISPB = "32074986"
 SOME_ID = "abcdefghijkl0123"
 
@@ -22,17 +23,6 @@ def with_dbname(url: str, dbname: str) -> str:
     params = conninfo_to_dict(url)
     params["dbname"] = dbname
     return make_conninfo(**params)
-
-
-def assert_problem(reply: TestResponse, status: int) -> dict[str, object]:
-    assert reply.status_code == status, reply.data
-    assert reply.mimetype == PROBLEM
-    body = reply.get_json(force=True)
-    assert set(body) == {"type", "title", "status", "detail"}, body
-    assert body["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(body[key], str) and body[key], body
-    return body
 
 
 def allowed(reply: TestResponse) -> set[str]:

@@ -3,13 +3,14 @@ RFC 9457 problem document every 4xx carries."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
+
+from problems import assert_problem
 
 ISPB = "32074986"
 START = f"/api/pix/{ISPB}/stream/start"
@@ -22,21 +23,6 @@ QUICK = {
     "POOL_TIMEOUT_SECONDS": 1,
     "UTIL_MAX_MESSAGES": 50,
 }
-
-
-def assert_problem(response: Any, status: int, *, body: bool = True) -> dict[str, Any]:
-    """A 4xx is application/problem+json: type, title, status (= HTTP status), detail."""
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/problem+json"
-    if not body:  # HEAD: the headers of the problem, no body
-        assert response.data == b""
-        return {}
-    document = json.loads(response.data)
-    assert set(document) >= {"type", "title", "status", "detail"}
-    assert type(document["status"]) is int and document["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(document[key], str) and document[key], key
-    return document
 
 
 def stream_rows(db: Any) -> int:

@@ -22,6 +22,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from httpclient import HttpClient, Reply
+from problems import assert_problem
 
 ISPB = "32074986"
 OTHER = "60701190"
@@ -80,16 +81,6 @@ def queued_in_order(db: Any, ispb: str) -> list[str]:
         "SELECT end_to_end_id FROM pix_message WHERE recipient_ispb = %s ORDER BY id", (ispb,)
     )
     return [end_to_end_id for (end_to_end_id,) in rows]
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/problem+json"
-    body = json.loads(response.data)
-    assert set(body) >= {"type", "title", "status", "detail"}
-    assert type(body["status"]) is int and body["status"] == status
-    assert all(isinstance(body[key], str) and body[key] for key in ("type", "title", "detail"))
-    return body
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

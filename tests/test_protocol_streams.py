@@ -22,6 +22,7 @@ from flask.testing import FlaskClient
 from httpclient import HttpClient, Reply
 from pixstream.config import DEFAULTS
 from pixstream.errors import ConfigError
+from problems import assert_problem
 
 ISPB = "32074986"
 OTHER = "60701190"
@@ -72,16 +73,6 @@ def e2e(response: Any) -> list[str]:
         return []
     body = response.get_json()
     return [m["endToEndId"] for m in (body if isinstance(body, list) else [body])]
-
-
-def assert_problem(response: Any, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.data
-    assert response.mimetype == "application/problem+json"
-    body = json.loads(response.data)
-    assert set(body) >= {"type", "title", "status", "detail"}
-    assert type(body["status"]) is int and body["status"] == status
-    assert all(isinstance(body[key], str) and body[key] for key in ("type", "title", "detail"))
-    return body
 
 
 def all_in_order(db: Any, ispb: str = ISPB) -> list[str]:

@@ -8,21 +8,8 @@ import psycopg
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
-from werkzeug.test import TestResponse
 
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(reply: TestResponse, status: int) -> dict[str, object]:
-    assert reply.status_code == status, reply.data
-    assert reply.mimetype == PROBLEM
-    body = reply.get_json(force=True)
-    assert set(body) >= {"type", "title", "status", "detail"}, body
-    assert body["status"] == status
-    assert isinstance(body["title"], str) and body["title"]
-    assert isinstance(body["detail"], str) and body["detail"]
-    assert isinstance(body["type"], str) and body["type"]
-    return body
+from problems import assert_problem
 
 
 def count(db: psycopg.Connection, ispb: str | None = None) -> int:
