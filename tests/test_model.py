@@ -45,8 +45,10 @@ import itertools
 import json
 import os
 import re
+import threading
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -473,10 +475,15 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     # -- plumbing ---------------------------------------------------------------
 
-    def _send(self, req: Request) -> Reply:
-        """Send one protocol request and fold its answer into the model."""
+    def _send(self, req: Request, *, copies: int = 1) -> Reply:
+        """Send one protocol request and fold its answer into the model.
+
+        With ``copies`` > 1 the same request goes out that many times at once, on
+        separate connections (a request and its retries in flight together): every
+        copy must get the same answer, which the model then takes as one request's.
+        """
         before = self.model
-        reply = self.http.request(req.method, req.path, req.headers, fresh=True)
+        reply = self._exchange(req, copies)
         snap = snapshot(self.db)
         # Live streams that expired by themselves meanwhile: before or after this request?
         expired = [
@@ -520,6 +527,32 @@ class ProtocolMachine(RuleBasedStateMachine):
             f"{req!r} answered {reply.status} Pull-Next={reply.pull_next} "
             f"body={reply.body[:300]!r}\nwhich the model does not explain:\n" + "\n".join(failures)
         )
+
+    def _exchange(self, req: Request, copies: int) -> Reply:
+        if copies == 1:
+            return self.http.request(req.method, req.path, req.headers, fresh=True)
+        clients = [HttpClient(self.base) for _ in range(copies)]
+        try:
+            for client in clients:  # connected first: the barrier releases requests
+                assert client.request("GET", "/healthz").status == 200
+            barrier = threading.Barrier(copies)
+
+            def send(client: HttpClient) -> Reply:
+                barrier.wait(timeout=10)
+                return client.request(req.method, req.path, req.headers)
+
+            with ThreadPoolExecutor(copies) as pool:
+                replies = list(pool.map(send, clients))
+        finally:
+            for client in clients:
+                client.close()
+        answers = {(r.status, r.pull_next, r.body) for r in replies}
+        if len(answers) > 1:
+            pytest.fail(
+                f"{copies} copies of {req!r} in flight together got different answers: "
+                f"{[(r.status, r.pull_next, r.body[:100]) for r in replies]}"
+            )
+        return replies[0]
 
     def _sync(self, snap: Snapshot) -> None:
         """Apply the expiries the database shows, then compare it with the model."""
@@ -641,6 +674,18 @@ class ProtocolMachine(RuleBasedStateMachine):
         reply = self._send(req)
         if (reading or closing) and req.ispb == stream.ispb:
             assert (reply.status, reply.body, reply.pull_next) == previous
+
+    @precondition(lambda self: self.model.streams)
+    @rule(i=st.integers(0, 7), j=st.integers(0, 9), delete=st.booleans(), copies=st.integers(2, 4))
+    @step
+    def repeat_concurrently(self, i: int, j: int, delete: bool, copies: int) -> None:
+        """A request and its retries in flight at once (a client whose timeout is shorter
+        than the answer, a proxy's retry): on the latest id, the replayable one or an older
+        one, every copy gets the one answer the model predicts for a single request."""
+        stream = pick(self.model.streams, i)
+        pull = pick([p for p in (stream.current, stream.replay) if p] + stream.ids, j)
+        method = "DELETE" if delete else "GET"
+        self._send(Request(method, stream.ispb, pull, stream.accept, stream.key), copies=copies)
 
     @precondition(lambda self: any(s.replay for s in self.model.live()))
     @rule(i=st.integers(0, 7), accept=READ_ACCEPTS)
@@ -816,12 +861,13 @@ WALK: list[tuple[str, dict[str, Any]]] = [
     ("start", {"ispb": A, "accept": MULTIPART}),  # s0 gets m1..m10
     ("start", {"ispb": A, "accept": None}),  # s1 gets m11
     ("continue_stream", {"i": 0, "accept": SAME}),  # s0 confirms m1..m10, gets m12
+    ("repeat_concurrently", {"i": 0, "j": 1, "delete": False, "copies": 3}),  # m12 x3 at once
     ("retry", {"i": 0}),  # s0 repeats: the same m12 answer
     ("continue_stream", {"i": 0, "accept": SAME}),  # s0 confirms m12, 204
     ("use_superseded", {"i": 0, "j": 0, "delete": False, "closed": False}),  # 410
     ("continue_stream", {"i": 1, "accept": SAME}),  # s1 confirms m11, 204
     ("insert", {"ispb": A, "n": 5}),  # m16..m20
-    ("continue_stream", {"i": 1, "accept": SAME}),  # s1 gets m16
+    ("repeat_concurrently", {"i": 1, "j": 0, "delete": False, "copies": 3}),  # s1 gets m16 x3
     ("delete_previous", {"i": 0}),  # s1 closed, m16 back in the queue
     ("retry", {"i": 1}),  # the same DELETE again: 200 again, and nothing changes
     ("continue_stream", {"i": 0, "accept": SAME}),  # s0 gets m16..m20
@@ -834,7 +880,7 @@ WALK: list[tuple[str, dict[str, Any]]] = [
     ("use_foreign_id", {"i": 0, "delete": True, "unknown": True}),  # 404
     ("start", {"ispb": B, "accept": "*/*"}),  # s8 gets m13
     ("let_expire", {"i": 6, "probe": True}),  # s8 expires, m13 back; its ids 410
-    ("delete_current", {"i": 0}),  # s2 confirms m16..m20 and closes
+    ("repeat_concurrently", {"i": 2, "j": 0, "delete": True, "copies": 2}),  # s2 confirms, closes
     ("insert", {"ispb": A, "n": 2}),  # m21, m22
     ("continue_stream", {"i": 0, "accept": SAME}),  # s3 gets m21
     ("let_expire", {"i": 0, "probe": False}),  # s3 expires (lazily: at the next claim)

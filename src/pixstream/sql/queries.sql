@@ -19,14 +19,27 @@ VALUES (%(pull)s, %(stream_id)s, %(size)s, CASE WHEN %(confirmed)s THEN now() EN
 -- name: lock_stream_by_pull
 -- Row-locks the stream so that a request and its retry, or a request and the
 -- sweeper, decide one after the other.
+--
+-- Shaped so that the lock never loses the row. Under READ COMMITTED, when
+-- the stream row was changed by a transaction that commits while we wait for
+-- its lock, PostgreSQL re-checks the WHERE clause against the stream's newest
+-- version but keeps the rows of any other table of a join as first read.
+-- Joining the row of the stream's current pull (p.id = s.current_pull) made
+-- a retry overlapping the request it repeats, which had just moved the
+-- stream on, find no row: an id the service issued answered 404. So the
+-- statement reads one table: the stream, found through its pull's stream_id,
+-- which never changes. Whether the current pull is confirmed is a scalar
+-- subquery, evaluated for the locked (newest) version of the row but with
+-- this statement's snapshot: a pull committed after the statement began
+-- reads as not confirmed, and the caller then runs the confirmation, a new
+-- statement that sees it and does nothing twice.
 SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.close_reason, s.closed_by_pull,
        s.last_seen_at < now() - make_interval(secs => %(idle_seconds)s) AS idle,
-       p.confirmed_at IS NOT NULL AS current_confirmed
-FROM pix_pull x
-JOIN pix_stream s ON s.id = x.stream_id
-JOIN pix_pull p ON p.id = s.current_pull
-WHERE x.id = %(pull)s
-FOR UPDATE OF s;
+       coalesce((SELECT p.confirmed_at IS NOT NULL FROM pix_pull p WHERE p.id = s.current_pull),
+                false) AS current_confirmed
+FROM pix_stream s
+WHERE s.id = (SELECT x.stream_id FROM pix_pull x WHERE x.id = %(pull)s)
+FOR UPDATE;
 
 -- name: confirm_pull
 -- The batch delivered with this pull is collected; the count of its messages.
