@@ -45,7 +45,16 @@ if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
 
 
 def on_starting(server):
-    """Start from empty metric files: old workers' samples are not this run's."""
+    """Raise the open-files limit for the workers; start from empty metric files.
+
+    Every long poll holds a socket: worker_connections of them need a limit
+    well above the usual 1,024. Workers inherit the master's limit. Old
+    workers' metric samples are not this run's.
+    """
+    from pixstream import oslimits  # standard library only: safe before the fork
+
+    limit = oslimits.raise_open_files_limit(server.cfg.worker_connections + oslimits.HEADROOM)
+    (server.log.info if limit.enough and not limit.error else server.log.warning)(str(limit))
     path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)

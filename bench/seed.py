@@ -20,7 +20,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from _database import scratch_database, server
-from pixstream import generator
+from pixstream import generator, seeding
 
 TARGET = 25_000
 ISPB = "32074986"
@@ -30,7 +30,7 @@ def run_generator(url: str, count: int, batch: int) -> float:
     with ConnectionPool(url, min_size=1, max_size=2, open=True) as pool:
         pool.wait()
         started = time.perf_counter()
-        inserted = generator.insert_random(pool, ISPB, count, batch_size=batch)
+        inserted = seeding.insert_random(pool, ISPB, count, batch_size=batch)
         elapsed = time.perf_counter() - started
     assert inserted == count, (inserted, count)
     return elapsed

@@ -12,10 +12,21 @@ from pathlib import Path
 import psycopg
 import pytest
 from flask import Flask
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import pixstream.db
+from pixstream import create_app
+from pixstream.runtime import runtime
 from pixstream.sql import migrations
 
 RATE = re.compile(r"inserted (\d+) messages for (\d{8}) in [0-9.]+ s \(([0-9,]+) messages/s\)")
+
+
+def url_location(url: str) -> str:
+    """What seed-pix must say for DATABASE_URL ``url``: host, port and database only."""
+    params = conninfo_to_dict(url)
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"into DATABASE_URL {params.get('host') or 'localhost'}{port}/{params['dbname']}"
 
 
 def count(db: psycopg.Connection, ispb: str) -> int:
@@ -38,6 +49,7 @@ def test_seed_pix_inserts_and_prints_rate(
     assert match.group(1) == str(total)
     assert match.group(2) == "32074986"
     assert int(match.group(3).replace(",", "")) > 0
+    assert url_location(app.config["DATABASE_URL"]) in result.output.splitlines()
     assert count(db, "32074986") == total
     (distinct,) = db.execute("SELECT count(DISTINCT end_to_end_id) FROM pix_message").fetchone()  # type: ignore[misc]
     assert distinct == total
@@ -124,6 +136,7 @@ def test_real_flask_command_in_subprocess(
     match = RATE.search(completed.stdout)
     assert match, completed.stdout + completed.stderr
     assert match.group(1) == "50"
+    assert url_location(database_url) in completed.stdout.splitlines()
     assert count(db, "32074986") == 50
     # Nothing was created in the working directory: no embedded database there.
     assert list(tmp_path.iterdir()) == []
@@ -144,3 +157,54 @@ def test_real_flask_command_bad_ispb(database_url: str, tmp_path: Path) -> None:
     )
     assert completed.returncode != 0
     assert "ISPB" in completed.stderr and "8 digits" in completed.stderr
+
+
+def test_seed_pix_never_prints_the_password(
+    make_app: Callable[..., Flask], database_url: str, db: psycopg.Connection
+) -> None:
+    """It says where the data went by host, port and database; never the password."""
+    params = conninfo_to_dict(database_url)
+    params["password"] = "s3cret"  # the test servers trust local connections: ignored
+    app = make_app(DATABASE_URL=make_conninfo(**params))
+    result = app.test_cli_runner().invoke(args=["seed-pix", "32074986", "3"])
+    assert result.exit_code == 0, result.output
+    assert url_location(database_url) in result.output.splitlines()
+    assert "s3cret" not in result.output
+    url = "postgresql://collector:s3cret@db.example:6543/pix?sslmode=require"
+    assert pixstream.db.server_and_database(url) == "db.example:6543/pix"
+
+
+def test_seed_pix_from_any_directory_uses_the_servers_embedded_database(
+    database_url: str, db: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without DATABASE_URL, seed-pix run from two directories finds one data directory.
+
+    The embedded server itself is stood in for by the test database: what is
+    checked is which data directory it is started in, and what seed-pix says.
+    """
+    started: list[Path] = []
+
+    def embedded_url(data_dir: str) -> str:
+        started.append(pixstream.db.data_path(data_dir))
+        return database_url
+
+    monkeypatch.setattr(pixstream.db, "embedded_url", embedded_url)
+    for name in list(os.environ):
+        if name.startswith("PIXSTREAM_") or name == "DATABASE_URL":
+            monkeypatch.delenv(name)
+    data_home = (tmp_path / "xdg").resolve()
+    monkeypatch.setenv("XDG_DATA_HOME", str(data_home))
+    for name in ("here", "elsewhere"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        app = create_app()
+        try:
+            result = app.test_cli_runner().invoke(args=["seed-pix", "32074986", "5"])
+        finally:
+            with app.app_context():
+                runtime().stop()
+        assert result.exit_code == 0, result.output
+        assert f"into embedded PostgreSQL in {data_home / 'pixstream'}" in result.output
+        assert list((tmp_path / name).iterdir()) == []
+    assert started == [data_home / "pixstream"] * 2
+    assert count(db, "32074986") == 10

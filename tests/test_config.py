@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from flask import Flask
 
 from pixstream import create_app
+from pixstream.config import default_data_dir
 from pixstream.errors import ConfigError
 from pixstream.runtime import runtime
 
@@ -49,10 +51,13 @@ def env_app(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
             runtime().stop()
 
 
-def test_defaults(env_app: Callable[..., Flask], database_url: str) -> None:
+def test_defaults(
+    env_app: Callable[..., Flask], database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
     config = env_app().config
     assert config["DATABASE_URL"] == database_url
-    assert config["DATA_DIR"] == "./.pixstream"
+    assert config["DATA_DIR"] == str(Path.home() / ".local" / "share" / "pixstream")
     assert config["LONG_POLL_SECONDS"] == 8
     assert config["STREAM_IDLE_SECONDS"] == 60
     assert config["MAX_STREAMS_PER_ISPB"] == 6
@@ -196,3 +201,28 @@ def test_data_dir_that_looks_like_json_stays_a_path(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PIXSTREAM_DATA_DIR", "2024")
     monkeypatch.setenv("DATABASE_URL", UNREACHABLE_URL)
     assert create_app().config["DATA_DIR"] == "2024"
+
+
+def test_data_dir_defaults_to_the_xdg_data_home(
+    env_app: Callable[..., Flask], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert env_app().config["DATA_DIR"] == str(tmp_path / "data" / "pixstream")
+
+
+def test_default_data_dir_is_the_same_from_any_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The server and a ``flask seed-pix`` run elsewhere must find one database."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    seen = set()
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        for xdg in (None, "", "relative/data"):  # unset, empty, relative: all ignored
+            if xdg is None:
+                monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+            else:
+                monkeypatch.setenv("XDG_DATA_HOME", xdg)
+            seen.add(default_data_dir())
+    assert seen == {str(tmp_path / "home" / ".local" / "share" / "pixstream")}

@@ -1,19 +1,16 @@
 """Make a scratch copy of the service with the bench experiments switchable at run time.
 
     python bench/experiments/apply.py /tmp/benchcopy
-    PIXSTREAM_BENCH_ROOT=/tmp/benchcopy BENCHX_ONE_TRIP=1 BENCHX_SKIP_RECHECK=1 \\
-        python bench/capacity.py
+    PIXSTREAM_BENCH_ROOT=/tmp/benchcopy BENCHX_ONE_TRIP=1 python bench/capacity.py
 
 Never touches this checkout's src/: it copies src/, gunicorn.conf.py and wsgi.py
-to the target, then patches the copy (written against commit 54b9021; a later
-src may need the anchors below updated). The flags, read per request:
+to the target, then patches the copy. Each patch finds an anchor in src first
+and stops with "anchor not found" when src has moved on. The flags, read per
+request:
 
 - BENCHX_ONE_TRIP: a read is one statement (pix_open / pix_continue from
   one_trip.sql) on an autocommit connection: one round trip instead of
   BEGIN + 6-8 statements + COMMIT.
-- BENCHX_SKIP_RECHECK: at the end of the window, answer 204 without the
-  re-check transaction when the listener stayed connected throughout (a
-  reconnect bumps a generation counter; it already wakes every waiter).
 - BENCHX_SYNC_OFF: pooled connections use synchronous_commit=off.
 - BENCHX_LAZY_TOUCH (with ONE_TRIP): an empty read rewrites its stream row only
   when replay_pull changes or last_seen_at is older than a quarter of the idle
@@ -81,25 +78,15 @@ ONE_TRIP = """    def _attempt_one_trip(self, ispb, pull_id, batch_size, time_li
 
 """
 
-SKIP_RECHECK = """                    if (
-                        not woken
-                        and os.environ.get("BENCHX_SKIP_RECHECK")
-                        and self._listener.connected
-                        and self._listener.generation == generation
-                    ):
-                        break  # no notification can have been missed: nothing to re-check
-"""
-
-POOL_OPTIONS = """        kwargs={
-            "connect_timeout": max(1, int(timeout)),
-            **KEEPALIVES,
+POOL_OPTIONS = """            **KEEPALIVES,
             **({"autocommit": True} if os.environ.get("BENCHX_ONE_TRIP") else {}),
             **(
                 {"options": "-c synchronous_commit=off"}
                 if os.environ.get("BENCHX_SYNC_OFF")
                 else {}
             ),
-        },"""
+        },
+"""
 
 
 def lines(indent: int, *rows: str) -> str:
@@ -125,31 +112,14 @@ def main() -> None:
     pkg = target / "src" / "pixstream"
     shutil.copy(HERE / "one_trip.sql", pkg / "sql" / "migrations" / "9999_bench_one_trip.sql")
 
-    listener = pkg / "listener.py"
-    patch(listener, lines(8, "self.reconnects = 0"),
-          lines(8, "self.reconnects = 0", "self.generation = 0"))  # fmt: skip
-    patch(listener, lines(20, "self._connected.set()"),
-          lines(20, "self.generation += 1", "self._connected.set()"))  # fmt: skip
-
     database = pkg / "db.py"
-    patch(database, "import logging\n", "import logging\nimport os\n")
-    patch(database, '        kwargs={"connect_timeout": max(1, int(timeout)), **KEEPALIVES},',
-          POOL_OPTIONS)  # fmt: skip
+    patch(database, lines(12, "**KEEPALIVES,") + lines(8, "},"), POOL_OPTIONS)
 
     streams = pkg / "streams.py"
     patch(streams, "import logging\n", "import logging\nimport os\n")
     patch(streams, "log = logging.getLogger(__name__)\n",
           "log = logging.getLogger(__name__)\n"
           'LAZY_TOUCH = bool(os.environ.get("BENCHX_LAZY_TOUCH"))\n')  # fmt: skip
-    subscribe = lines(8, "with self._listener.subscribe(ispb) as wakeup:")
-    generation = "generation = self._listener.generation if self._listener.connected else -1"
-    patch(streams, subscribe, subscribe + lines(12, generation))
-    closing = lines(
-        20,
-        "if self._listener.closing:",
-        "    break  # shutting down: answer 204 now, the stream stays valid",
-    )
-    patch(streams, closing, closing + SKIP_RECHECK)
     started = lines(8, "started = time.perf_counter()")
     one_trip = lines(
         8,
@@ -157,7 +127,7 @@ def main() -> None:
         "    return self._attempt_one_trip(ispb, pull_id, batch_size, time_limit, started)",
     )
     patch(streams, started, started + one_trip)
-    patch(streams, "    def _open(self, conn", ONE_TRIP + "    def _open(self, conn")
+    patch(streams, "    def _open(\n", ONE_TRIP + "    def _open(\n")
     print(f"patched copy in {target}")
 
 

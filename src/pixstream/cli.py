@@ -9,10 +9,10 @@ from flask import Flask, current_app
 from flask.cli import FlaskGroup, with_appcontext
 
 from pixstream import migrate
-from pixstream.api.params import parse_ispb
 from pixstream.errors import InvalidRequest
-from pixstream.generator import insert_random
 from pixstream.runtime import runtime
+from pixstream.seeding import insert_random
+from pixstream.validation import parse_ispb
 
 
 @click.command("seed-pix")
@@ -28,23 +28,29 @@ from pixstream.runtime import runtime
 )
 @with_appcontext
 def seed_pix(ispb: str, count: int, batch_size: int) -> None:
-    """Insert COUNT realistic Pix messages addressed to ISPB."""
+    """Insert COUNT realistic Pix messages addressed to ISPB.
+
+    Says where they went: a server that uses another database (another
+    PIXSTREAM_DATA_DIR or DATABASE_URL) will not see them.
+    """
     try:
         ispb = parse_ispb(ispb)
     except InvalidRequest as exc:
         raise click.BadParameter(str(exc), param_hint="ISPB") from exc
+    current = runtime()
     started = time.perf_counter()
     with click.progressbar(
         length=count, label=f"seeding {ispb}", hidden=count < batch_size * 2
     ) as bar:
         inserted = insert_random(
-            runtime().pool, ispb, count, batch_size=batch_size, on_batch=bar.update
+            current.pool, ispb, count, batch_size=batch_size, on_batch=bar.update
         )
     elapsed = time.perf_counter() - started
     click.echo(
         f"inserted {inserted} messages for {ispb} in {elapsed:.2f} s "
         f"({inserted / elapsed:,.0f} messages/s)"
     )
+    click.echo(f"into {current.location}")
 
 
 @click.command("db-upgrade")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import Config
@@ -19,7 +20,7 @@ ENV_PREFIX = "PIXSTREAM"
 
 DEFAULTS: dict[str, Any] = {
     "DATABASE_URL": None,
-    "DATA_DIR": "./.pixstream",
+    "DATA_DIR": None,  # default_data_dir(), resolved when the settings are loaded
     "LONG_POLL_SECONDS": 8,
     "STREAM_IDLE_SECONDS": 60,
     "MAX_STREAMS_PER_ISPB": 6,
@@ -34,9 +35,24 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def default_data_dir() -> str:
+    """Where the embedded PostgreSQL lives unless PIXSTREAM_DATA_DIR says otherwise.
+
+    One place per user, whatever the current directory: the server and a
+    ``flask seed-pix`` run from elsewhere must find the same database, not
+    start a second, empty one. That place is the XDG data directory,
+    ``$XDG_DATA_HOME/pixstream``, or ``~/.local/share/pixstream``.
+    """
+    xdg = os.environ.get("XDG_DATA_HOME", "")
+    # The XDG spec ignores a relative XDG_DATA_HOME: it would depend on the directory again.
+    base = Path(xdg) if os.path.isabs(xdg) else Path.home() / ".local" / "share"
+    return str(base / "pixstream")
+
+
 def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
     """Fill ``config`` from defaults, the environment and ``test_config``, then validate it."""
     config.from_mapping(DEFAULTS)
+    config["DATA_DIR"] = default_data_dir()
     config.from_prefixed_env(ENV_PREFIX)
     if os.environ.get("DATABASE_URL"):
         config["DATABASE_URL"] = os.environ["DATABASE_URL"]

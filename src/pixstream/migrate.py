@@ -11,6 +11,7 @@ import logging
 
 import psycopg
 
+from pixstream import db
 from pixstream.sql import migrations
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,12 @@ CREATE TABLE IF NOT EXISTS pixstream_migration (
 def upgrade(conninfo: str) -> list[str]:
     """Apply pending migrations; return the names applied by this call."""
     applied_now: list[str] = []
-    with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+    with psycopg.connect(
+        conninfo,
+        autocommit=True,
+        connect_timeout=10,
+        fallback_application_name=db.application_name("pixstream-migrate"),
+    ) as conn:
         # Session-level lock: held across the per-file transactions below.
         conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
         try:

@@ -15,9 +15,9 @@ from typing import Any
 from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
 
-from pixstream import db
+from pixstream import db, store
 from pixstream.errors import DatabaseUnavailable
-from pixstream.listener import Listener
+from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
 
 log = logging.getLogger(__name__)
@@ -28,13 +28,17 @@ EXTENSION = "pixstream"
 class Runtime:
     """Everything one server process shares between its requests."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], *, location: str | None = None) -> None:
         self.conninfo: str = config["DATABASE_URL"]
+        # Where the data is, for people: "embedded PostgreSQL in <dir>" or
+        # "DATABASE_URL host:port/db" (never a password).
+        self.location = location or f"DATABASE_URL {db.server_and_database(self.conninfo)}"
         self._config = config
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._pool: ConnectionPool | None = None
         self._listener: Listener | None = None
+        self._sweeper: threading.Thread | None = None
         self._streams: StreamService | None = None
 
     @property
@@ -52,19 +56,20 @@ class Runtime:
 
     @property
     def listener(self) -> Listener:
-        """The process's LISTEN connection (and the sweeper), started on first use."""
+        """The process's LISTEN connection, started on first use."""
         with self._lock:
             if self._listener is None:
                 self._listener = Listener(self.conninfo)
                 self._listener.start()
-                threading.Thread(
-                    target=self._sweep_forever, name="pixstream-sweeper", daemon=True
-                ).start()
             return self._listener
 
     @property
     def streams(self) -> StreamService:
-        """The stream service; starting it starts the pool and the listener."""
+        """The stream service; building it starts the pool, the listener and the sweeper.
+
+        The sweeper starts here too, not only in start(), so that a process
+        serving streams without start() (the dev server) still expires them.
+        """
         if self._streams is None:
             config = self._config
             self._streams = StreamService(
@@ -77,7 +82,16 @@ class Runtime:
                     max_batch=config["MAX_BATCH"],
                 ),
             )
+            self._start_sweeper()
         return self._streams
+
+    def _start_sweeper(self) -> None:
+        with self._lock:
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep_forever, name="pixstream-sweeper", daemon=True
+                )
+                self._sweeper.start()
 
     def _sweep_forever(self) -> None:
         """Expire abandoned streams even on ISPBs that nobody reads any more."""
@@ -92,9 +106,26 @@ class Runtime:
                 log.exception("sweep failed")
 
     def start(self) -> None:
-        """Open the pool and start listening now rather than on the first request."""
+        """Open the pool, start listening and sweeping now rather than on the first request."""
         self.pool  # noqa: B018 - the properties start what they return
         self.listener  # noqa: B018
+        self._start_sweeper()
+
+    def readiness(self, timeout: float) -> list[str]:
+        """What keeps this process from serving streams now; empty when it is ready.
+
+        The database must answer a ping within ``timeout``; the listener, which
+        may still be connecting in a worker that just started, gets half as long.
+        """
+        failures = []
+        try:
+            with db.transaction(self.pool, timeout=timeout) as conn:
+                store.ping(conn)
+        except DatabaseUnavailable as exc:
+            failures.append(f"database: {exc}")
+        if not self.listener.wait_connected(timeout / 2):
+            failures.append(f"listener: not listening on {CHANNEL}")
+        return failures
 
     def begin_shutdown(self) -> None:
         """Answer every waiting long poll now (204, stream intact); keep serving in-flight work.
@@ -112,8 +143,8 @@ class Runtime:
             self._pool.close(timeout=1)
 
 
-def init_app(app: Flask) -> None:
-    app.extensions[EXTENSION] = Runtime(app.config)
+def init_app(app: Flask, *, location: str | None = None) -> None:
+    app.extensions[EXTENSION] = Runtime(app.config, location=location)
 
 
 def runtime() -> Runtime:

@@ -1,5 +1,9 @@
-"""The only module that runs SQL. Every function takes the caller's connection:
-the caller owns the transaction, this module owns the statements."""
+"""Every statement of the collection protocol and of seeding, from sql/queries.sql.
+
+Every function takes the caller's connection: the caller owns the transaction,
+this module owns the statements. Two modules run SQL of their own: migrate.py
+applies the migrations (with its ledger table and advisory lock), and
+listener.py runs ``LISTEN`` and its liveness probe on its own connection."""
 
 from __future__ import annotations
 
@@ -72,6 +76,11 @@ def insert_stream(conn: psycopg.Connection, ispb: str, pull: str) -> int:
 
 
 def lock_stream(conn: psycopg.Connection, pull: str, *, idle_seconds: float) -> StreamRow | None:
+    """Lock the stream that issued ``pull``; None when no stream did.
+
+    The row is the stream's newest version even when a concurrent request
+    moved it on while this one waited for the lock (see the query's comment).
+    """
     row = _run(conn, "lock_stream_by_pull", {"pull": pull, "idle_seconds": idle_seconds}).fetchone()
     return None if row is None else StreamRow(*row)
 

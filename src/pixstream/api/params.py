@@ -1,30 +1,20 @@
-"""Path parameters and content negotiation, validated at the edge."""
+"""Path parameters and content negotiation, validated at the edge.
+
+The value checks live in :mod:`pixstream.validation` (the CLI uses them too);
+an InvalidRequest becomes a 400 problem document.
+"""
 
 from __future__ import annotations
 
-import re
-
 from werkzeug.datastructures import MIMEAccept
 
-from pixstream.errors import InvalidRequest, NotAcceptable
+from pixstream.errors import NotAcceptable
+from pixstream.validation import parse_count, parse_ispb
 
-_ISPB = re.compile(r"[0-9]{8}")
-_COUNT = re.compile(r"[0-9]{1,12}")
+__all__ = ["MULTIPART", "SINGLE", "parse_count", "parse_ispb", "wants_multipart"]
 
 SINGLE = "application/json"
 MULTIPART = "multipart/json"
-
-
-def parse_ispb(value: str) -> str:
-    if not _ISPB.fullmatch(value):
-        raise InvalidRequest(f"ispb must be exactly 8 digits, got {value!r}")
-    return value
-
-
-def parse_count(value: str, maximum: int) -> int:
-    if not _COUNT.fullmatch(value) or not 1 <= int(value) <= maximum:
-        raise InvalidRequest(f"number must be an integer from 1 to {maximum}, got {value!r}")
-    return int(value)
 
 
 def wants_multipart(accept: MIMEAccept, raw_header: str | None) -> bool:

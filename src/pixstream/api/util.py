@@ -5,8 +5,8 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from pixstream.api.params import parse_count, parse_ispb
-from pixstream.generator import insert_random
 from pixstream.runtime import runtime
+from pixstream.seeding import insert_random
 
 bp = Blueprint("util", __name__, url_prefix="/api/util")
 

@@ -64,6 +64,11 @@ CREATE TABLE pix_pull (
 
 CREATE INDEX pix_pull_stream_idx ON pix_pull (stream_id);
 
+-- Deferred to the commit because a claim binds messages to a pull id before
+-- that pull exists: claim_batch sets pull_id on the rows it takes, and only
+-- when it took some does advance_stream insert the pix_pull row, later in the
+-- same transaction. An empty claim (every long poll that waits) binds nothing
+-- and so inserts no pull row at all.
 ALTER TABLE pix_message
     ADD CONSTRAINT pix_message_pull_fk FOREIGN KEY (pull_id) REFERENCES pix_pull (id)
     DEFERRABLE INITIALLY DEFERRED;
