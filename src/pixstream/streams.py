@@ -1,4 +1,4 @@
-"""The collection protocol (../shared/docs/protocol.md), free of HTTP and of SQL.
+"""The collection protocol (docs/protocol.md), free of HTTP and of SQL.
 
 A stream is a chain of pulls. Each answer hands out the next pull id as
 ``Pull-Next``; the batch delivered with it stays bound to it until the client
