@@ -4,11 +4,13 @@ session, emptied before each test, and real gunicorn servers for protocol tests.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,11 +30,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from httpclient import HttpClient  # noqa: E402
 
+# PIXSTREAM_TEST_AUTH=token runs every live server in token mode, and every
+# HttpClient request then carries a token of its path's ISPB (an admin token on
+# /api/util/): the whole protocol suite, unchanged, behind access control.
+TEST_AUTH = os.environ.get("PIXSTREAM_TEST_AUTH", "none")
+
 # Short windows keep the suite fast; the protocol is the same at any scale.
 FAST_SETTINGS: dict[str, Any] = {
     "LONG_POLL_SECONDS": 1.5,
     "STREAM_IDLE_SECONDS": 4,
     "SWEEP_SECONDS": 1,
+    "UTIL_ROUTES": True,  # off by default; the suite inserts test data through it
 }
 
 
@@ -132,16 +140,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# Port of each live server -> its database: in token mode a server knows only
+# the tokens of its own database.
+SERVER_DATABASES: dict[int, str] = {}
+
+
 class Server:
     """A real ``gunicorn -k gevent`` serving pixstream on a free port."""
 
     def __init__(self, database_url: str, *, workers: int = 2, **settings: Any) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        SERVER_DATABASES[self.port] = database_url  # where its tokens live, in token mode
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIXSTREAM_")}
         env["DATABASE_URL"] = database_url
         for key, value in {**FAST_SETTINGS, **settings}.items():
             env[f"PIXSTREAM_{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
+        if TEST_AUTH == "token":
+            env.setdefault("PIXSTREAM_AUTH", "token")
         env["WEB_CONCURRENCY"] = str(workers)
         env["PORT"] = str(self.port)
         # Tags this server's connections, so readiness can count its listeners.
@@ -219,3 +235,88 @@ def start_server(database_url: str) -> Iterator[Callable[..., Server]]:
 @pytest.fixture
 def server(start_server: Callable[..., Server]) -> Server:
     return start_server()
+
+
+class SuiteTokens:
+    """Tokens the suite's HTTP clients send in token mode: one per database and ISPB
+    (an admin's for /api/util/), made on first use through the access service."""
+
+    _PATH = re.compile(r"/api/(?:pix|util/msgs)/([0-9]{8})/")
+
+    def __init__(self, default_database: str) -> None:
+        self.default_database = default_database
+        self.services: dict[str, Any] = {}
+        self.pools: list[Any] = []
+        self.tokens: dict[tuple[str, str | None], str] = {}
+        self.lock = threading.Lock()
+
+    def _service(self, database_url: str) -> Any:
+        from pixstream import db
+        from pixstream.access import AccessService
+
+        if database_url not in self.services:
+            pool = db.make_pool(database_url, max_size=1, timeout=10)
+            pool.open()
+            self.pools.append(pool)
+            self.services[database_url] = AccessService(pool, None)
+        return self.services[database_url]
+
+    def header(self, port: int, path: str) -> str | None:
+        """``Bearer <token>`` for a request on ``path`` to the server on ``port``, or None."""
+        match = self._PATH.match(path)
+        if match is None:
+            return None
+        database_url = SERVER_DATABASES.get(port, self.default_database)
+        owner = None if path.startswith("/api/util/") else match[1]
+        with self.lock:
+            if (database_url, owner) not in self.tokens:
+                _, self.tokens[database_url, owner] = self._service(database_url).create_token(
+                    owner, "test suite", admin=owner is None
+                )
+            return f"Bearer {self.tokens[database_url, owner]}"
+
+    def close(self) -> None:
+        for service in self.services.values():
+            service.close()
+        for pool in self.pools:
+            pool.close()
+
+
+_suite_tokens: SuiteTokens | None = None
+
+
+def suite_authorization(port: int, path: str) -> dict[str, str]:
+    """The Authorization header the suite sends for ``path`` (empty unless in token mode).
+
+    For tests that write raw HTTP instead of using HttpClient.
+    """
+    bearer = None if _suite_tokens is None else _suite_tokens.header(port, path)
+    return {} if bearer is None else {"Authorization": bearer}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_tokens(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In token mode, make every HttpClient request carry its ISPB's token."""
+    global _suite_tokens
+    if TEST_AUTH != "token":
+        yield
+        return
+    tokens = _suite_tokens = SuiteTokens(request.getfixturevalue("database_url"))
+    original = HttpClient.request
+
+    def request_with_token(
+        self: HttpClient, method: str, path: str, headers: dict[str, str] | None = None, **kw: Any
+    ) -> Any:
+        if not any(name.lower() == "authorization" for name in headers or {}):
+            bearer = tokens.header(self.port, path)
+            if bearer is not None:
+                headers = {**(headers or {}), "Authorization": bearer}
+        return original(self, method, path, headers, **kw)
+
+    HttpClient.request = request_with_token  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        HttpClient.request = original  # type: ignore[method-assign]
+        _suite_tokens = None
+        tokens.close()

@@ -62,7 +62,7 @@ def test_defaults(
     assert config["STREAM_IDLE_SECONDS"] == 60
     assert config["MAX_STREAMS_PER_ISPB"] == 6
     assert config["MAX_BATCH"] == 10
-    assert config["UTIL_ROUTES"] is True
+    assert config["UTIL_ROUTES"] is False  # test data only when asked for
     assert config["UTIL_MAX_MESSAGES"] == 100_000
     assert config["POOL_SIZE"] == 10
     assert config["POOL_TIMEOUT_SECONDS"] == 3
@@ -96,7 +96,7 @@ def test_environment_variables_are_read(env_app: Callable[..., Flask]) -> None:
 
 def test_environment_settings_take_effect(env_app: Callable[..., Flask]) -> None:
     """Not just stored: the routes follow what the environment says."""
-    on = env_app(UTIL_MAX_MESSAGES="3").test_client()
+    on = env_app(UTIL_ROUTES="true", UTIL_MAX_MESSAGES="3").test_client()
     assert on.post("/api/util/msgs/32074986/3").status_code == 201
     assert on.post("/api/util/msgs/32074986/4").status_code == 400
     off = env_app(UTIL_ROUTES="false").test_client()

@@ -114,7 +114,12 @@ def test_unexpected_error_is_problem_500(make_app: Callable[..., Flask]) -> None
 def test_readyz_when_database_and_listener_are_up(client: FlaskClient) -> None:
     reply = wait_ready(client)
     assert reply.status_code == 200, reply.data
-    assert reply.get_json() == {"status": "ready", "database": "ok", "listener": "ok"}
+    assert reply.get_json() == {
+        "status": "ready",
+        "database": "ok",
+        "listener": "ok",
+        "auth": "none",
+    }
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ import pytest
 from psycopg import sql
 
 from _streamkit import wait_for
-from conftest import ROOT, Server, with_dbname
+from conftest import ROOT, Server, suite_authorization, with_dbname
 from httpclient import HttpClient, Reply
 from pixstream import migrate, store
 from pixstream.generator import COLUMNS, MessageFactory
@@ -714,7 +714,8 @@ def test_database_back_after_a_long_outage_is_used_within_5_s(own_postgres):
 def raw_request(port: int, path: str, headers: dict[str, str] | None = None) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=CLIENT_TIMEOUT)
     lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    headers = {**suite_authorization(port, path), **(headers or {})}
+    lines += [f"{k}: {v}" for k, v in headers.items()]
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     return sock
 
@@ -811,7 +812,10 @@ def test_client_vanishing_mid_delete_gets_the_same_answer_on_retry(start_server,
         first = client.get(start_path(ispb), MULTIPART)
         assert e2e_ids(first) == inserted
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=CLIENT_TIMEOUT)
-        sock.sendall(f"DELETE {first.pull_next} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        auth = "".join(
+            f"{k}: {v}\r\n" for k, v in suite_authorization(server.port, first.pull_next).items()
+        )
+        sock.sendall(f"DELETE {first.pull_next} HTTP/1.1\r\nHost: x\r\n{auth}\r\n".encode())
         assert read_until(sock, b"\r\n").startswith(b"HTTP/1.1 200")
         sock.close()
         retry = client.delete(first.pull_next)

@@ -6,8 +6,10 @@ message naming the variable instead of surfacing as a confusing runtime error.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,29 @@ DEFAULTS: dict[str, Any] = {
     "STREAM_IDLE_SECONDS": 60,
     "MAX_STREAMS_PER_ISPB": 6,
     "MAX_BATCH": 10,
-    "UTIL_ROUTES": True,
+    # Test data only: never in production, whatever the auth mode.
+    "UTIL_ROUTES": False,
     "UTIL_MAX_MESSAGES": 100_000,
     "POOL_SIZE": 10,
     "POOL_TIMEOUT_SECONDS": 3,
     "SWEEP_SECONDS": 10,
     "LOG_FORMAT": "text",
     "LOG_LEVEL": "INFO",
+    # Abuse limits, per process (docs/security.md, "Rate and flood limits").
+    "RATE_PER_ISPB": 1000,  # stream requests per second per ISPB
+    "RATE_BURST": 1000,
+    "MAX_REQUESTS_PER_ID": 16,  # outstanding requests on one stream id; more: 409
+    "MAX_WAITING": 5000,  # long polls waiting at once; more: 503
+    "STREAM_LOCK_TIMEOUT_SECONDS": 1,  # longest wait for a stream's row lock; then 503
+    # Access control (docs/security.md): who may read which ISPB's payments.
+    "AUTH": "none",
+    "MTLS_HEADER": "X-SSL-Client-Cert",
+    "TRUSTED_PROXIES": [],
+    "METRICS_TOKEN": None,
+    "CREDENTIAL_CACHE_SECONDS": 30,
 }
+
+AUTH_MODES = ("none", "token", "mtls")
 
 
 def default_data_dir() -> str:
@@ -59,6 +76,10 @@ def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
     # A path is a string even when it looks like JSON (from_prefixed_env would make "2024" an int).
     if f"{ENV_PREFIX}_DATA_DIR" in os.environ:
         config["DATA_DIR"] = os.environ[f"{ENV_PREFIX}_DATA_DIR"]
+    # Secrets and header names are strings as written: a numeric token must keep its zeros.
+    for key in ("METRICS_TOKEN", "MTLS_HEADER"):
+        if f"{ENV_PREFIX}_{key}" in os.environ:
+            config[key] = os.environ[f"{ENV_PREFIX}_{key}"]
     if test_config is not None:
         config.from_mapping(test_config)
     validate(config)
@@ -91,6 +112,11 @@ def validate(config: Config) -> None:
     _number(config, "POOL_SIZE", minimum=1, integer=True)
     _number(config, "POOL_TIMEOUT_SECONDS", minimum=0.1, integer=False)
     _number(config, "SWEEP_SECONDS", minimum=0.1, integer=False)
+    _number(config, "RATE_PER_ISPB", minimum=0.001, integer=False)
+    _number(config, "RATE_BURST", minimum=1, integer=True)
+    _number(config, "MAX_REQUESTS_PER_ID", minimum=1, integer=True)
+    _number(config, "MAX_WAITING", minimum=1, integer=True)
+    _number(config, "STREAM_LOCK_TIMEOUT_SECONDS", minimum=0.01, integer=False)
     if not isinstance(config["UTIL_ROUTES"], bool):
         raise ConfigError(
             f"{_env_name('UTIL_ROUTES')} must be true or false, got {config['UTIL_ROUTES']!r}"
@@ -117,8 +143,63 @@ def validate(config: Config) -> None:
             f"{_env_name('LOG_LEVEL')} must be DEBUG, INFO, WARNING or ERROR, "
             f"got {config['LOG_LEVEL']!r}"
         )
+    _access(config)
     url = config["DATABASE_URL"]
     if url is not None and (not isinstance(url, str) or ("://" not in url and "=" not in url)):
         raise ConfigError(f"DATABASE_URL is not a PostgreSQL URL or conninfo: {url!r}")
     if not isinstance(config["DATA_DIR"], str) or not config["DATA_DIR"]:
         raise ConfigError(f"{_env_name('DATA_DIR')} must be a directory path")
+
+
+def parse_proxies(value: Any) -> list[str]:
+    """TRUSTED_PROXIES as a list of networks: a JSON list, or a comma-separated string.
+
+    A bare address is a one-address network (``10.0.0.5`` is ``10.0.0.5/32``).
+    """
+    if value is None or value == "":
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list | tuple):
+        items = [items]
+    networks = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            networks.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(
+                f"{_env_name('TRUSTED_PROXIES')} must list IP addresses or CIDR networks, "
+                f"got {text!r}"
+            ) from None
+    return networks
+
+
+def _access(config: Config) -> None:
+    """Validate the access-control settings; normalise TRUSTED_PROXIES to network strings."""
+    if config["AUTH"] not in AUTH_MODES:
+        raise ConfigError(
+            f"{_env_name('AUTH')} must be none, token or mtls, got {config['AUTH']!r}"
+        )
+    header = config["MTLS_HEADER"]
+    if not isinstance(header, str) or not re.fullmatch(r"[A-Za-z0-9-]+", header):
+        raise ConfigError(f"{_env_name('MTLS_HEADER')} must be an HTTP header name, got {header!r}")
+    config["TRUSTED_PROXIES"] = parse_proxies(config["TRUSTED_PROXIES"])
+    if config["AUTH"] == "mtls" and not config["TRUSTED_PROXIES"]:
+        # Without a trusted proxy every request would be refused: say so at start-up.
+        raise ConfigError(
+            f"{_env_name('AUTH')}=mtls needs {_env_name('TRUSTED_PROXIES')}: the addresses of "
+            "the proxies that verify client certificates"
+        )
+    if config["METRICS_TOKEN"] == "":
+        config["METRICS_TOKEN"] = None
+    token = config["METRICS_TOKEN"]
+    if token is not None and (
+        not isinstance(token, str) or not re.fullmatch(r"[A-Za-z0-9\-._~+/]{16,}=*", token)
+    ):
+        # Never echo the value: it is a secret. The characters are a bearer token's (RFC 6750).
+        raise ConfigError(
+            f"{_env_name('METRICS_TOKEN')} must be 16 or more characters of A-Z a-z 0-9 -._~+/"
+        )
+    _number(config, "CREDENTIAL_CACHE_SECONDS", minimum=0, integer=False)

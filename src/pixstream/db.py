@@ -15,8 +15,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from pixstream import metrics
-from pixstream.errors import DatabaseUnavailable
+from pixstream import metrics, store
+from pixstream.errors import DatabaseUnavailable, Overloaded
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +91,25 @@ def embedded_url(data_dir: str) -> str:
     return str(server.get_uri())
 
 
-def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool:
+def make_pool(
+    conninfo: str, *, max_size: int, timeout: float, lock_timeout: float | None = None
+) -> ConnectionPool:
     """Build the process's pool, not yet open: open it after fork, in the worker.
 
     Waiting requests hold no connection, so a small pool serves thousands of
     collectors; ``timeout`` bounds how long a request waits for a connection
     (and so for an unreachable database) before it answers 503.
+    ``lock_timeout`` bounds each lock wait of every pooled connection (set
+    once per connection, so no round trip per request): a stream row locked
+    by a request on another host makes this one answer 503, not queue
+    unboundedly while it holds a connection.
     """
+
+    def configure(conn: psycopg.Connection) -> None:
+        if lock_timeout is not None:
+            store.set_lock_timeout(conn, lock_timeout)
+            conn.commit()  # the pool wants the connection idle
+
     return ConnectionPool(
         conninfo,
         min_size=min(2, max_size),
@@ -105,6 +117,7 @@ def make_pool(conninfo: str, *, max_size: int, timeout: float) -> ConnectionPool
         timeout=timeout,
         open=False,
         name="pixstream",
+        configure=configure,
         # Give up a reconnection series after a few seconds: the next checkout
         # starts a fresh one, so a database that comes back after a long outage
         # is used within seconds, not after a backoff grown to minutes.
@@ -169,5 +182,13 @@ def transaction(
                 metrics.POOL_IN_USE.dec()
     except PoolTimeout as exc:
         raise DatabaseUnavailable("no database connection could be had in time") from exc
+    except psycopg.errors.LockNotAvailable as exc:
+        # The database answers; another request (on another host) holds the lock.
+        metrics.REQUESTS_REFUSED.labels("lock_timeout").inc()
+        raise Overloaded(
+            "busy: another request (e.g. on another host, on the same stream) holds a lock "
+            "this one needs; repeat it after Retry-After",
+            retry_after=1,
+        ) from exc
     except psycopg.OperationalError as exc:
         raise DatabaseUnavailable(f"the database did not answer: {exc}") from exc

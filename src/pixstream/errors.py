@@ -9,6 +9,9 @@ class PixstreamError(Exception):
     status = 500
     title = "Internal error"
     retry_after: int | None = None
+    # When set, the problem body says this instead of the message, which then goes
+    # only to the log (with the request id): for causes that name hosts or users.
+    public_detail: str | None = None
 
 
 class ConfigError(PixstreamError):
@@ -60,3 +63,55 @@ class DatabaseUnavailable(PixstreamError):
     status = 503
     title = "Service unavailable"
     retry_after = 2
+    public_detail = "database unavailable; retry after Retry-After"
+
+
+class Unauthorized(PixstreamError):
+    """No usable credential: missing, malformed, unknown, revoked or expired.
+
+    ``www_authenticate`` is the challenge the answer carries (RFC 6750 for
+    bearer tokens), or None when no scheme fits (mTLS).
+    """
+
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str, www_authenticate: str | None = None) -> None:
+        super().__init__(detail)
+        self.www_authenticate = www_authenticate
+
+
+class Forbidden(PixstreamError):
+    """A valid credential that may not do this: another ISPB's, or not an admin's."""
+
+    status = 403
+    title = "Forbidden"
+
+
+class Conflict(PixstreamError):
+    """A flood: more requests outstanding on one stream id than a retrying client makes."""
+
+    status = 409
+    title = "Too many requests on this id"
+
+
+class RateLimited(PixstreamError):
+    """The ISPB sent requests faster than its rate allows."""
+
+    status = 429
+    title = "Rate limited"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
+class Overloaded(PixstreamError):
+    """The server or the stream is too busy right now; repeat the request after Retry-After."""
+
+    status = 503
+    title = "Server busy"
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

@@ -7,6 +7,11 @@ harmless, while a missed one would cost a whole long-poll window. Hence the
 rules below: register before the first claim, clear before each re-claim, and
 wake everyone whenever notifications may have been missed (on reconnect).
 
+The same connection also listens on ``pix_credentials`` (a credential was
+created, revoked or changed; the payload is its id) and hands those payloads
+to the callbacks registered with ``on_notify``; ``on_reconnect`` callbacks run
+on every new connection, since notifications sent meanwhile were lost.
+
 Only ``threading`` primitives are used: under gunicorn's gevent worker they are
 monkey-patched into greenlet primitives, under the dev server they are threads.
 """
@@ -17,7 +22,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import psycopg
@@ -29,6 +34,7 @@ from pixstream.errors import DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 CHANNEL = "pix_inserted"
+CREDENTIALS_CHANNEL = "pix_credentials"
 _PROBE_DEADLINE = 5.0  # seconds for the liveness probe to answer
 
 
@@ -70,6 +76,8 @@ class Listener:
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
+        self._callbacks: dict[str, list[Callable[[str], None]]] = {CREDENTIALS_CHANNEL: []}
+        self._reconnect_hooks: list[Callable[[], None]] = []
         # Bumped on every (re)connection: a waiter that saw the same generation
         # connected before its claim and after its wait missed no notification.
         self.generation = 0
@@ -120,6 +128,41 @@ class Listener:
                     if not waiters:
                         del self._waiters[ispb]
 
+    def on_notify(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Call ``callback(payload)`` on the listener's thread for each notification on ``channel``.
+
+        The channels are fixed (LISTEN runs once per connection, on the
+        listener's own thread); only ``pix_credentials`` takes callbacks.
+        A callback must be quick and must not block: it delays every wake-up.
+        """
+        if channel not in self._callbacks:
+            raise ValueError(f"the listener does not listen on {channel!r} for callbacks")
+        with self._lock:
+            self._callbacks[channel].append(callback)
+
+    def on_reconnect(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` on every new LISTEN connection: notifications may have been lost."""
+        with self._lock:
+            self._reconnect_hooks.append(callback)
+
+    def _dispatch(self, channel: str, payload: str) -> None:
+        with self._lock:
+            callbacks = list(self._callbacks.get(channel, ()))
+        for callback in callbacks:
+            try:
+                callback(payload)
+            except Exception:
+                log.exception("notification callback failed on %s", channel)
+
+    def _reconnected(self) -> None:
+        with self._lock:
+            hooks = list(self._reconnect_hooks)
+        for hook in hooks:
+            try:
+                hook()
+            except Exception:
+                log.exception("listener reconnect hook failed")
+
     def _wake(self, ispb: str) -> None:
         with self._lock:
             events = list(self._waiters.get(ispb, ()))
@@ -144,6 +187,9 @@ class Listener:
                     **db.KEEPALIVES,
                 )
                 with psycopg.connect(conninfo, autocommit=True) as conn:
+                    # pix_inserted last: pg_stat_activity shows a backend's last
+                    # statement, and operators (and the tests) find the listener by it.
+                    conn.execute(f"LISTEN {CREDENTIALS_CHANNEL}")
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.generation += 1
                     self._connected.set()
@@ -154,6 +200,7 @@ class Listener:
                     first = False
                     backoff = 0.05
                     # Notifications sent while nobody listened are gone: everyone re-checks.
+                    self._reconnected()
                     self._wake_all()
                     self._listen(conn)
             except (psycopg.Error, DatabaseUnavailable) as exc:
@@ -168,7 +215,10 @@ class Listener:
     def _listen(self, conn: psycopg.Connection) -> None:
         while not self._closing.is_set():
             for notify in conn.notifies(timeout=self._probe_seconds):
-                self._wake(notify.payload)
+                if notify.channel == CHANNEL:
+                    self._wake(notify.payload)
+                else:
+                    self._dispatch(notify.channel, notify.payload)
             # A quiet channel says nothing about the connection: probe it, so a
             # dead socket (or a frozen server) is found within probe_seconds,
             # not at the next insert.

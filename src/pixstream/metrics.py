@@ -35,6 +35,12 @@ STREAMS_OPENED = Counter("pixstream_streams_opened", "Streams opened.")
 STREAMS_CLOSED = Counter("pixstream_streams_closed", "Streams closed by DELETE.")
 STREAMS_EXPIRED = Counter("pixstream_streams_expired", "Streams expired after the idle window.")
 STREAMS_REFUSED = Counter("pixstream_streams_refused", "Stream starts refused with 429.")
+REQUESTS_REFUSED = Counter(
+    "pixstream_requests_refused",
+    "Stream requests refused by an abuse limit, by reason: rate (429), flood (409),"
+    " waiters (503, too many long polls waiting), lock_timeout (503, stream locked elsewhere).",
+    ["reason"],
+)
 STREAMS_OPEN = Gauge(
     "pixstream_streams_open", "Streams open now (all hosts).", multiprocess_mode="mostrecent"
 )

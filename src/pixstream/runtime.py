@@ -1,4 +1,4 @@
-"""Per-process resources: the pool, the listener, the sweeper and the stream service.
+"""Per-process resources: the pool, the listener, the sweeper, the stream and access services.
 
 They are built by the app factory but started only after gunicorn has forked
 the worker (by its post_worker_init hook, or on first use elsewhere): nothing
@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
@@ -19,6 +19,9 @@ from pixstream import db, store
 from pixstream.errors import DatabaseUnavailable
 from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
+
+if TYPE_CHECKING:
+    from pixstream.access import AccessService
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ class Runtime:
         self._listener: Listener | None = None
         self._sweeper: threading.Thread | None = None
         self._streams: StreamService | None = None
+        self._access: AccessService | None = None
 
     @property
     def pool(self) -> ConnectionPool:
@@ -50,6 +54,7 @@ class Runtime:
                     self.conninfo,
                     max_size=self._config["POOL_SIZE"],
                     timeout=self._config["POOL_TIMEOUT_SECONDS"],
+                    lock_timeout=self._config["STREAM_LOCK_TIMEOUT_SECONDS"],
                 )
                 self._pool.open(wait=False)
             return self._pool
@@ -75,15 +80,30 @@ class Runtime:
             self._streams = StreamService(
                 self.pool,
                 self.listener,
-                Settings(
-                    long_poll_seconds=config["LONG_POLL_SECONDS"],
-                    idle_seconds=config["STREAM_IDLE_SECONDS"],
-                    max_streams=config["MAX_STREAMS_PER_ISPB"],
-                    max_batch=config["MAX_BATCH"],
-                ),
+                Settings.from_config(config),
             )
             self._start_sweeper()
         return self._streams
+
+    @property
+    def access(self) -> AccessService:
+        """The credential service; building it starts the pool and the listener.
+
+        Its cache is invalidated through the listener (channel pix_credentials).
+        """
+        if self._access is not None:  # every authenticated request comes here: no lock
+            return self._access
+        from pixstream.access import AccessService  # imports cryptography: only when used
+
+        pool, listener = self.pool, self.listener
+        with self._lock:
+            if self._access is None:
+                self._access = AccessService(
+                    pool,
+                    listener,
+                    cache_seconds=self._config.get("CREDENTIAL_CACHE_SECONDS", 30.0),
+                )
+            return self._access
 
     def _start_sweeper(self) -> None:
         with self._lock:
@@ -139,6 +159,8 @@ class Runtime:
     def stop(self) -> None:
         """Shut down and release the pool."""
         self.begin_shutdown()
+        if self._access is not None:
+            self._access.close()
         if self._pool is not None:
             self._pool.close(timeout=1)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -152,3 +153,93 @@ def copy_messages(conn: psycopg.Connection, rows: Iterable[Sequence[Any]]) -> in
             copy.write_row(row)
             count += 1
     return count
+
+
+# --------------------------------------------------------------------------- credentials
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRow:
+    """A credential as access.py validates it: revoked and expired ones too."""
+
+    id: int
+    ispb: str | None
+    kind: str
+    admin: bool
+    label: str
+    secret_hash: bytes
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialRecord:
+    """A credential as listed: every column but the hash's meaning is for people."""
+
+    id: int
+    ispb: str | None
+    kind: str
+    admin: bool
+    label: str
+    created_at: datetime
+    last_used_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    secret_hash: bytes
+    subject: str | None
+
+
+def insert_credential(
+    conn: psycopg.Connection,
+    *,
+    ispb: str | None,
+    kind: str,
+    admin: bool,
+    label: str,
+    secret_hash: bytes,
+    subject: str | None = None,
+    expires_at: datetime | None = None,
+) -> CredentialRecord:
+    """Store a credential (its hash only); raises psycopg.errors.UniqueViolation on a repeat."""
+    row = _run(conn, "insert_credential", {"ispb": ispb, "kind": kind, "admin": admin,
+                                           "label": label, "secret_hash": secret_hash,
+                                           "subject": subject, "expires_at": expires_at}
+               ).fetchone()  # fmt: skip
+    return CredentialRecord(*row)
+
+
+def find_credential_by_hash(conn: psycopg.Connection, secret_hash: bytes) -> CredentialRow | None:
+    """The credential with this hash, usable or not; None when there is none."""
+    row = _run(conn, "find_credential_by_hash", {"secret_hash": secret_hash}).fetchone()
+    return None if row is None else CredentialRow(*row)
+
+
+def get_credential(conn: psycopg.Connection, credential_id: int) -> CredentialRecord | None:
+    row = _run(conn, "get_credential", {"id": credential_id}).fetchone()
+    return None if row is None else CredentialRecord(*row)
+
+
+def list_credentials(
+    conn: psycopg.Connection, *, ispb: str | None = None, kind: str | None = None
+) -> list[CredentialRecord]:
+    """Every credential (``ispb`` None: administrators included) or one ISPB's, oldest first."""
+    rows = _run(conn, "list_credentials", {"ispb": ispb, "kind": kind})
+    return [CredentialRecord(*row) for row in rows]
+
+
+def revoke_credential(conn: psycopg.Connection, credential_id: int) -> bool:
+    """Revoke (idempotently); False when no credential has this id."""
+    return _run(conn, "revoke_credential", {"id": credential_id}).fetchone() is not None
+
+
+def touch_last_used(conn: psycopg.Connection, ids: Iterable[int], used_at: datetime) -> None:
+    """Record that the credentials ``ids`` were used (by 'used_at'), in one statement."""
+    _run(conn, "touch_credentials", {"ids": sorted(set(ids)), "used_at": used_at})
+
+
+# Limits (streams.py)
+
+
+def set_lock_timeout(conn: psycopg.Connection, seconds: float) -> None:
+    """Bound every lock wait of this connection's session to ``seconds``."""
+    _run(conn, "set_lock_timeout", {"timeout": f"{max(1, round(seconds * 1000))}ms"})

@@ -15,7 +15,8 @@ import logging
 import secrets
 import string
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,8 +24,24 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from pixstream import db, metrics, store
-from pixstream.errors import StreamGone, StreamNotFound, TooManyStreams
-from pixstream.listener import Listener
+from pixstream.errors import (
+    Conflict,
+    Overloaded,
+    RateLimited,
+    StreamGone,
+    StreamNotFound,
+    TooManyStreams,
+)
+from pixstream.limits import (
+    Flooded,
+    Gate,
+    GateBusy,
+    Ticket,
+    TokenBucket,
+    WaiterCap,
+    retry_after_seconds,
+)
+from pixstream.listener import Listener, Wakeup
 
 log = logging.getLogger(__name__)
 events = logging.getLogger("pixstream.events")
@@ -72,23 +89,60 @@ class Settings:
     idle_seconds: float
     max_streams: int
     max_batch: int
+    # Abuse limits, per process (limits.py).
+    rate_per_ispb: float = 1000
+    rate_burst: int = 1000
+    max_requests_per_id: int = 16
+    max_waiting: int = 5000
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Settings:
+        return cls(
+            long_poll_seconds=config["LONG_POLL_SECONDS"],
+            idle_seconds=config["STREAM_IDLE_SECONDS"],
+            max_streams=config["MAX_STREAMS_PER_ISPB"],
+            max_batch=config["MAX_BATCH"],
+            rate_per_ispb=config["RATE_PER_ISPB"],
+            rate_burst=config["RATE_BURST"],
+            max_requests_per_id=config["MAX_REQUESTS_PER_ID"],
+            max_waiting=config["MAX_WAITING"],
+        )
 
 
 class StreamService:
-    """Open, read, close and expire streams; wait for messages without polling."""
+    """Open, read, close and expire streams; wait for messages without polling.
+
+    Every request first passes the abuse limits of this process: the ISPB's
+    rate (429), then, for an id, its gate: at most ``max_requests_per_id``
+    outstanding (409) and one at a time inside a transaction, the others
+    waiting without a connection; a long poll waits only while the process
+    holds fewer than ``max_waiting`` (503).
+    """
 
     def __init__(self, pool: ConnectionPool, listener: Listener, settings: Settings) -> None:
         self._pool = pool
         self._listener = listener
         self.settings = settings
+        self._rate = TokenBucket(settings.rate_per_ispb, settings.rate_burst)
+        self._ids = Gate(settings.max_requests_per_id)
+        # Starts of one ISPB serialise on its advisory lock anyway: queue them
+        # here instead, so that they hold one connection, not one each.
+        self._starts = Gate(None)
+        self._waiters = WaiterCap(settings.max_waiting, window=settings.long_poll_seconds)
 
     def start(self, ispb: str, batch_size: int) -> Delivery:
         """Open a stream and read from it (long poll)."""
-        return self._read(ispb, None, batch_size)
+        self._limit_rate(ispb)
+        self._limit_waiters()
+        with self._starts.admit(ispb) as ticket:
+            return self._read(ispb, None, batch_size, ticket)
 
     def pull(self, ispb: str, pull_id: str, batch_size: int) -> Delivery:
         """Confirm the batch delivered with ``pull_id`` and read the next one (long poll)."""
-        return self._read(ispb, pull_id, batch_size)
+        self._limit_rate(ispb)
+        self._limit_waiters()
+        with self._admit(pull_id) as ticket:
+            return self._read(ispb, pull_id, batch_size, ticket)
 
     def close(self, ispb: str, pull_id: str) -> None:
         """Confirm the batch delivered with ``pull_id`` and close its stream.
@@ -99,7 +153,13 @@ class StreamService:
         answer was lost must learn that its stream is closed, not that it is gone).
         """
         released = 0
-        with db.transaction(self._pool) as conn:
+        self._limit_rate(ispb)
+        with (
+            self._admit(pull_id) as ticket,
+            _turn(ticket, self._pool.timeout),
+            db.transaction(self._pool) as conn,
+        ):
+            ticket.publish(None)  # a read overlapping this DELETE runs its own transaction
             stream = self._locked_stream(conn, ispb, pull_id)
             usable = pull_id in (stream.current_pull, stream.replay_pull)
             repeat = stream.close_reason == "deleted" and pull_id == stream.closed_by_pull
@@ -136,7 +196,54 @@ class StreamService:
             _record_expiry(expired)
         return expired
 
-    def _read(self, ispb: str, pull_id: str | None, batch_size: int) -> Delivery:
+    def _limit_rate(self, ispb: str) -> None:
+        wait = self._rate.take(ispb)
+        if wait:
+            metrics.REQUESTS_REFUSED.labels("rate").inc()
+            rate = self.settings.rate_per_ispb
+            raise RateLimited(
+                f"ISPB {ispb} sent more than {rate:g} stream requests per second "
+                f"(burst {self.settings.rate_burst}); slow down",
+                retry_after=retry_after_seconds(wait),
+            )
+
+    def _limit_waiters(self) -> None:
+        """Refuse a long poll before it holds anything while the process is at its cap."""
+        if self._waiters.full():
+            metrics.REQUESTS_REFUSED.labels("waiters").inc()
+            raise Overloaded(
+                "the server holds as many waiting requests as it can; "
+                "repeat the request after Retry-After",
+                retry_after=self._waiters.refused(),
+            )
+
+    @contextmanager
+    def _admit(self, pull_id: str) -> Iterator[Ticket]:
+        try:
+            with self._ids.admit(pull_id) as ticket:
+                yield ticket
+        except Flooded as exc:
+            metrics.REQUESTS_REFUSED.labels("flood").inc()
+            raise Conflict(
+                f"too many requests are in progress on stream id {pull_id}; "
+                "keep one request in flight per stream (a repeat after a timeout is fine)"
+            ) from exc
+
+    @staticmethod
+    def _shared(ticket: Ticket | None) -> Delivery | None:
+        """The batch an overlapping identical request just got: the same answer, no transaction."""
+        shared = ticket.shared() if ticket is not None else None
+        return shared if isinstance(shared, Delivery) else None
+
+    def _read(
+        self, ispb: str, pull_id: str | None, batch_size: int, ticket: Ticket | None = None
+    ) -> Delivery:
+        """One long poll. ``ticket`` admitted it on its id (on its ISPB for a start).
+
+        While waiting, the request holds no connection and no turn of its id;
+        a newer request on the id may release it, and it then answers now, as
+        at the end of its window (its client, which retried, is gone).
+        """
         batch_size = max(1, min(batch_size, self.settings.max_batch))
         window = self.settings.long_poll_seconds
         deadline = time.monotonic() + window
@@ -144,44 +251,74 @@ class StreamService:
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
             listening = self._listener.listening_generation()
-            delivery = self._attempt(
-                ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window
-            )
+            with _turn(ticket, self._time_limit(deadline)):
+                delivery = self._shared(ticket if pull_id else None) or self._attempt(
+                    ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window
+                )
+                if delivery.documents and pull_id is not None and ticket is not None:
+                    ticket.publish(delivery)
             if delivery.documents or self._listener.closing:
                 return delivery
+            if pull_id is None:
+                ticket = None  # nobody else knows the new stream's id: no turns to take
+            if not self._waiters.try_enter():
+                return delivery  # at the cap since admission: a 204 now is a valid answer
             metrics.WAITING.inc()
             try:
-                while True:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        break  # a claim that ended past the window was the last check
-                    woken = wakeup.wait(remaining)
-                    if self._listener.closing:
-                        break  # shutting down: answer 204 now, the stream stays valid
-                    if (
-                        not woken
-                        and listening is not None
-                        and (self._listener.listening_generation() == listening)
-                    ):
-                        # Listened throughout on one connection: no notification
-                        # was missed, so the empty claim still stands. (After a
-                        # reconnect, the listener has woken everyone anyway.)
-                        break
-                    wakeup.clear()  # before the claim: a later insert must wake us again
-                    # On a wake-up, claim; at the end of a window in which the
-                    # listener reconnected, re-check once: notifications were lost.
-                    delivery = self._attempt(
-                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
-                        answer_in=max(0.0, deadline - time.monotonic()),
-                    )  # fmt: skip
-                    if delivery.documents:
-                        if woken:
-                            metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
-                        break
-                    if not woken:
-                        break
+                with ticket.waiting(wakeup.set) if ticket else nullcontext():
+                    delivery = self._wait(
+                        ispb, delivery, batch_size, deadline, wakeup, listening, ticket
+                    )
             finally:
                 metrics.WAITING.dec()
+                self._waiters.leave()
+        return delivery
+
+    def _wait(
+        self,
+        ispb: str,
+        delivery: Delivery,
+        batch_size: int,
+        deadline: float,
+        wakeup: Wakeup,
+        listening: int | None,
+        ticket: Ticket | None,
+    ) -> Delivery:
+        """Wait for a message until ``deadline``; claim it (taking the id's turn) when woken."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break  # a claim that ended past the window was the last check
+            woken = wakeup.wait(remaining)
+            if self._listener.closing:
+                break  # shutting down: answer 204 now, the stream stays valid
+            if ticket is not None and ticket.released:
+                break  # a newer request on this id is served; answer as at the window's end
+            if (
+                not woken
+                and listening is not None
+                and (self._listener.listening_generation() == listening)
+            ):
+                # Listened throughout on one connection: no notification
+                # was missed, so the empty claim still stands. (After a
+                # reconnect, the listener has woken everyone anyway.)
+                break
+            wakeup.clear()  # before the claim: a later insert must wake us again
+            # On a wake-up, claim; at the end of a window in which the
+            # listener reconnected, re-check once: notifications were lost.
+            with _turn(ticket, self._time_limit(deadline)):
+                delivery = self._shared(ticket) or self._attempt(
+                    ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
+                    answer_in=max(0.0, deadline - time.monotonic()),
+                )  # fmt: skip
+                if delivery.documents and ticket is not None:
+                    ticket.publish(delivery)
+            if delivery.documents:
+                if woken:
+                    metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
+                break
+            if not woken:
+                break
         return delivery
 
     def _time_limit(self, deadline: float) -> float:
@@ -293,6 +430,23 @@ class StreamService:
             self._expire(conn, ispb)
             return dataclasses.replace(stream, close_reason="expired")
         return stream
+
+
+@contextmanager
+def _turn(ticket: Ticket | None, timeout: float) -> Iterator[None]:
+    """Take ``ticket``'s turn on its id for a transaction; 503 if it does not come in time."""
+    if ticket is None:
+        yield
+        return
+    try:
+        with ticket.exclusive(timeout):
+            yield
+    except GateBusy as exc:
+        metrics.REQUESTS_REFUSED.labels("lock_timeout").inc()
+        raise Overloaded(
+            "the stream is busy with other requests; repeat this one after Retry-After",
+            retry_after=1,
+        ) from exc
 
 
 def _record_expiry(expired: Iterable[store.ExpiredStream]) -> None:

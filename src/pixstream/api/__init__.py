@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from flask import Flask
 
-from pixstream.api import docs, health, middleware, problems, streams, util
+from pixstream.api import auth, docs, health, middleware, problems, streams, util
 
 
 def init_app(app: Flask) -> None:
     problems.init_app(app)
-    middleware.init_app(app)
+    middleware.init_app(app)  # first: the request id is set before auth can refuse
+    auth.init_app(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(streams.bp)
     streams.forbid_head(app)

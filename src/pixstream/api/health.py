@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+import logging
+
+from flask import Blueprint, Response, current_app, jsonify, request
 
 from pixstream import metrics
+from pixstream.api import auth
 from pixstream.api.problems import problem
+from pixstream.errors import Unauthorized
 from pixstream.runtime import runtime
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__)
 
@@ -23,14 +29,45 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    """200 only when this process can serve streams: database and listener up."""
+    """200 only when this process can serve streams: database and listener up.
+
+    The answer names what is down in fixed words; the cause (a driver's text,
+    which can name hosts and users) goes to the log with the request id.
+    """
     failures = runtime().readiness(_PROBE_TIMEOUT)
     if failures:
-        return problem(503, "Not ready", "; ".join(failures), headers={"Retry-After": "2"})
-    return jsonify(status="ready", database="ok", listener="ok")
+        log.warning("not ready: %s", "; ".join(failures))
+        down = [failure.split(":", 1)[0] for failure in failures]
+        return problem(
+            503,
+            "Not ready",
+            "; ".join(f"{part} unavailable" for part in down),
+            headers={"Retry-After": "2"},
+        )
+    return jsonify(status="ready", database="ok", listener="ok", auth=auth.mode())
+
+
+def _auth_mode_metric() -> bytes:
+    """An info-style gauge saying which auth mode this process enforces."""
+    return (
+        "# HELP pixstream_auth_mode The access-control mode in force (PIXSTREAM_AUTH).\n"
+        "# TYPE pixstream_auth_mode gauge\n"
+        f'pixstream_auth_mode{{mode="{auth.mode()}"}} 1.0\n'
+    ).encode()
 
 
 @bp.get("/metrics")
 def prometheus_metrics() -> Response:
-    """Prometheus text exposition, summed over this host's workers."""
-    return Response(metrics.exposition(), 200, content_type=metrics.CONTENT_TYPE)
+    """Prometheus text exposition, summed over this host's workers.
+
+    With PIXSTREAM_METRICS_TOKEN set, only a scraper sending it as a bearer
+    token gets an answer.
+    """
+    token = current_app.config["METRICS_TOKEN"]
+    if token is not None and not auth.metrics_token_ok(token, request.headers.get("Authorization")):
+        raise Unauthorized(
+            "/metrics needs Authorization: Bearer <PIXSTREAM_METRICS_TOKEN>",
+            auth.METRICS_CHALLENGE,
+        )
+    body = metrics.exposition() + _auth_mode_metric()
+    return Response(body, 200, content_type=metrics.CONTENT_TYPE)

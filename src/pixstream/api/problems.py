@@ -38,10 +38,18 @@ def _domain_error(error: PixstreamError) -> Response:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    challenge = getattr(error, "www_authenticate", None)
+    if challenge:
+        headers["WWW-Authenticate"] = challenge
+    detail = str(error) or error.title
+    if error.public_detail is not None:
+        # The cause (a driver's text: hosts, users) is for operators, with the request id.
+        log.warning("%s: %s", error.title, detail)
+        detail = error.public_detail
     return problem(
         error.status,
         error.title,
-        str(error) or error.title,
+        detail,
         type_=f"urn:pixstream:problem:{_slug(error)}",
         headers=headers,
     )

@@ -1,4 +1,5 @@
-"""Test-data route: insert random messages. Absent when PIXSTREAM_UTIL_ROUTES is false."""
+"""Test-data route: insert random messages. Absent unless PIXSTREAM_UTIL_ROUTES is true;
+with access control on, only an admin credential may call it (api/auth.py)."""
 
 from __future__ import annotations
 

@@ -149,3 +149,68 @@ FROM STDIN;
 
 -- name: ping
 SELECT 1;
+
+-- Credentials (access.py)
+-- Tokens are found by the SHA-256 of the token, certificates by the SHA-256
+-- fingerprint of their DER encoding (see migration 0004_credentials).
+
+-- name: insert_credential
+-- Announced on pix_credentials: a process that just refused this certificate
+-- (its brief negative cache) accepts it as soon as the commit lands.
+WITH new AS (
+    INSERT INTO pix_credential (ispb, kind, admin, label, secret_hash, subject, expires_at)
+    VALUES (%(ispb)s, %(kind)s, %(admin)s, %(label)s, %(secret_hash)s, %(subject)s,
+            %(expires_at)s)
+    RETURNING *
+)
+SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revoked_at,
+       secret_hash, subject
+FROM new, pg_notify('pix_credentials', new.id::text) AS announced;
+
+-- name: find_credential_by_hash
+-- Revoked and expired rows too: the caller tells the client which it was.
+SELECT id, ispb, kind, admin, label, secret_hash, expires_at, revoked_at
+FROM pix_credential WHERE secret_hash = %(secret_hash)s;
+
+-- name: get_credential
+SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revoked_at,
+       secret_hash, subject
+FROM pix_credential WHERE id = %(id)s;
+
+-- name: list_credentials
+-- Every credential (ispb NULL, administrators included) or one ISPB's; of one
+-- kind or both (kind NULL).
+SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revoked_at,
+       secret_hash, subject
+FROM pix_credential
+WHERE (ispb = %(ispb)s OR %(ispb)s::text IS NULL)
+  AND (kind = %(kind)s OR %(kind)s::text IS NULL)
+ORDER BY id;
+
+-- name: revoke_credential
+-- Idempotent: a second revocation keeps the first time. Returns the id when
+-- the credential exists, and announces it on pix_credentials, delivered to
+-- every host's listener when the transaction commits: each drops it from its
+-- cache (access.py).
+WITH revoked AS (
+    UPDATE pix_credential SET revoked_at = coalesce(revoked_at, now())
+    WHERE id = %(id)s
+    RETURNING id
+)
+SELECT revoked.id FROM revoked, pg_notify('pix_credentials', revoked.id::text) AS announced;
+
+-- name: touch_credentials
+-- Batched, from each process's cache, at most once a minute per credential;
+-- never older than what another host already wrote.
+UPDATE pix_credential
+SET last_used_at = greatest(last_used_at, %(used_at)s)
+WHERE id = ANY(%(ids)s::bigint[]);
+
+-- Limits (streams.py)
+
+-- name: set_lock_timeout
+-- Run once on each new pooled connection (session-wide, so it costs no round
+-- trip per request): a request waits at most this long for a row or advisory
+-- lock, e.g. a stream locked by a request on another host, then fails with
+-- lock_not_available (55P03), answered 503 with Retry-After.
+SELECT set_config('lock_timeout', %(timeout)s, false);
