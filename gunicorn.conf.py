@@ -37,6 +37,9 @@ preload_app = False
 control_socket_disable = True
 
 accesslog = "-"
+# No request header but the request id: never %({authorization}i)s, nor the
+# mTLS certificate header. Tokens must not reach a log (docs/security.md); a
+# path holds no secret (stream ids are bound to their ISPB's credential).
 access_log_format = '%(h)s "%(r)s" %(s)s %(B)s %(M)sms rid=%({x-request-id}o)s'
 
 # Metrics: every worker writes to this directory, any worker answers a scrape.
