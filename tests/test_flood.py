@@ -21,6 +21,7 @@ import psycopg
 import pytest
 
 from _streamkit import MULTIPART, close_all, e2e_ids, insert_messages, new_ispb, wait_for
+from conftest import suite_authorization
 from httpclient import HttpClient, Reply
 from problems import assert_problem
 from test_overlapping_retries import connected_clients, fresh_id, waiting_requests
@@ -99,6 +100,7 @@ import json, sys, threading
 sys.path.insert(0, sys.argv[1])
 from httpclient import HttpClient
 base, path, size = sys.argv[2], sys.argv[3], int(sys.argv[4])
+headers = {"Accept": "multipart/json", **json.loads(sys.argv[5])}  # + the token, in token mode
 clients = [HttpClient(base, timeout=20) for _ in range(size)]
 for client in clients:
     assert client.get("/healthz").status == 200  # connected: the flood is requests only
@@ -106,7 +108,7 @@ replies = [None] * size
 go = threading.Event()
 def send(i):
     go.wait()
-    reply = clients[i].request("GET", path, {"Accept": "multipart/json"})
+    reply = clients[i].request("GET", path, headers)
     replies[i] = {"status": reply.status, "pull_next": reply.pull_next,
                   "body": reply.body.decode(), "headers": reply.headers}
 threads = [threading.Thread(target=send, args=(i,)) for i in range(size)]
@@ -122,7 +124,9 @@ print(json.dumps(replies), flush=True)
 
 
 def test_a_flood_on_one_id_does_not_slow_another_ispbs_collector(start_server, db):
-    server = start_server(workers=1, LONG_POLL_SECONDS=5, STREAM_IDLE_SECONDS=10)
+    # A small pool makes the harm plain: without the gate, the flood's requests
+    # held every connection while they queued on the stream's row lock.
+    server = start_server(workers=1, LONG_POLL_SECONDS=5, STREAM_IDLE_SECONDS=10, POOL_SIZE=3)
     flooded, other = new_ispb(), new_ispb()
     flood_size = 200
     pull = fresh_id(server.http, db, flooded)
@@ -131,7 +135,7 @@ def test_a_flood_on_one_id_does_not_slow_another_ispbs_collector(start_server, d
         baseline = [collector.push() for _ in range(10)]
         flood = subprocess.Popen(
             [sys.executable, "-c", FLOOD_SCRIPT, str(Path(__file__).parent), server.base, pull,
-             str(flood_size)],
+             str(flood_size), json.dumps(suite_authorization(server.port, pull))],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
@@ -186,8 +190,9 @@ def abandon(base: str, path: str) -> socket.socket:
     """Send a GET and never read its answer (a client that timed out, as seen by the server)."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
+    auth = "".join(f"{k}: {v}\r\n" for k, v in suite_authorization(int(port), path).items())
     sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {MULTIPART}\r\n\r\n".encode("ascii")
+        f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {MULTIPART}\r\n{auth}\r\n".encode()
     )
     return sock
 
