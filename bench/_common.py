@@ -279,14 +279,18 @@ class Gunicorn:
         self.workers = workers or default_workers()
         env = {k: v for k, v in os.environ.items() if not k.startswith("PIXSTREAM_")}
         env["DATABASE_URL"] = database_url
-        for key, value in (settings or {}).items():
+        # The benches load their test data through the util route (off by default).
+        settings = {"UTIL_ROUTES": True, **(settings or {})}
+        for key, value in settings.items():
             env[f"PIXSTREAM_{key}"] = str(value).lower() if isinstance(value, bool) else str(value)
         if workers is not None:
             env["WEB_CONCURRENCY"] = str(workers)
         env["PORT"] = str(self.port)
-        if root != ROOT:
-            env["PYTHONPATH"] = str(root / "src")
-        self.settings = settings or {}
+        # Serve this checkout's (or root's) src/, not whatever the venv has installed.
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(root / "src"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        self.settings = settings
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - lives as long as the server
             prefix="pixstream-bench-gunicorn-", suffix=".log", delete=False
         )
@@ -631,8 +635,11 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def post_messages(conn: HttpConn, ispb: str, count: int) -> int:
-    reply = conn.request("POST", f"/api/util/msgs/{ispb}/{count}")
+def post_messages(
+    conn: HttpConn, ispb: str, count: int, headers: dict[str, str] | None = None
+) -> int:
+    """Queue ``count`` random messages for ``ispb`` (in token mode: pass an admin's header)."""
+    reply = conn.request("POST", f"/api/util/msgs/{ispb}/{count}", headers)
     if reply.status != 201:
         raise RuntimeError(f"POST util answered {reply.status}: {reply.body[:300]!r}")
     return int(reply.json()["inserted"])
@@ -646,3 +653,108 @@ def random_ispb(taken: set[str] | None = None) -> str:
             if taken is not None:
                 taken.add(ispb)
             return ispb
+
+
+# --------------------------------------------------------------------------- access control
+
+AUTH_CHOICES = ("none", "token", "both")
+
+
+def add_auth_option(args: argparse.ArgumentParser) -> None:
+    args.add_argument(
+        "--auth",
+        choices=AUTH_CHOICES,
+        default="none",
+        help="PIXSTREAM_AUTH of the bench's gunicorn; 'both' runs none and token alternately "
+        "(one gunicorn each, same database) and reports the ratio token/none",
+    )
+
+
+def auth_modes(choice: str) -> list[str]:
+    """The modes a run measures, in the order each round runs them."""
+    return ["none", "token"] if choice == "both" else [choice]
+
+
+class Credentials:
+    """Bearer tokens for a bench in token mode, made directly in the bench's database.
+
+    Like the test suite's SuiteTokens: through pixstream's own access service
+    (SERVE_ROOT's src/, so the schema and hashing are the served code's), on a
+    one-connection pool, before the load starts. In mode "none" every header
+    is empty, so the same client code serves both modes.
+    """
+
+    def __init__(self, database_url: str, mode: str) -> None:
+        self.mode = mode
+        self._url = database_url
+        self._service: Any = None
+        self._pool: Any = None
+        self._tokens: dict[str | None, str] = {}
+
+    def _access(self) -> Any:
+        if self._service is None:
+            src = str(SERVE_ROOT / "src")
+            if src not in sys.path:
+                sys.path.insert(0, src)
+            from pixstream import db, migrate
+            from pixstream.access import AccessService
+
+            migrate.upgrade(self._url)  # a no-op once a gunicorn of this database started
+            self._pool = db.make_pool(self._url, max_size=1, timeout=10)
+            self._pool.open()
+            self._service = AccessService(self._pool, None)
+        return self._service
+
+    def _token(self, owner: str | None) -> str:
+        if owner not in self._tokens:
+            _info, self._tokens[owner] = self._access().create_token(
+                owner, "bench", admin=owner is None
+            )
+        return self._tokens[owner]
+
+    def bank(self, ispb: str) -> dict[str, str]:
+        """The header a collector of ``ispb`` sends (empty in mode none)."""
+        if self.mode != "token":
+            return {}
+        return {"Authorization": f"Bearer {self._token(ispb)}"}
+
+    def admin(self) -> dict[str, str]:
+        """The header the util route needs (empty in mode none)."""
+        if self.mode != "token":
+            return {}
+        return {"Authorization": f"Bearer {self._token(None)}"}
+
+    def close(self, hard: bool = False) -> None:
+        if self._service is not None:
+            with contextlib.suppress(Exception):
+                self._service.close()
+            self._service = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.close(timeout=1 if hard else 5)
+            self._pool = None
+
+
+def check_auth(server: Gunicorn, credentials: Credentials) -> None:
+    """Make sure the server enforces the mode it is meant to (else the pair means nothing)."""
+    conn = HttpConn("127.0.0.1", server.port, timeout=10)
+    try:
+        mode = conn.request("GET", "/readyz").json().get("auth")
+        if mode != credentials.mode:
+            raise RuntimeError(
+                f"gunicorn enforces auth {mode!r}, the bench wanted {credentials.mode!r}"
+            )
+        if credentials.mode == "token":
+            # Refused before any database work; a bank's token is exercised by the load itself.
+            bare = conn.request("GET", f"/api/pix/{random_ispb()}/stream/start")
+            if bare.status != 401:
+                raise RuntimeError(f"token mode: a request without a token answered {bare.status}")
+    finally:
+        conn.close()
+
+
+def ratio(token: float | None, none: float | None, digits: int = 3) -> float | None:
+    """token / none, or None when either is missing (or none is 0)."""
+    if token is None or not none:
+        return None
+    return round(token / none, digits)

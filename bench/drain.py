@@ -7,7 +7,13 @@ poll of 1.5 s so the tail 204 is quick). Throughput is counted from the first
 message must arrive exactly once: endToEndIds unique, count = 20,000, all
 addressed to the ISPB. The result is the median of several runs.
 
-    python bench/drain.py [--messages 20000] [--runs 5]
+With ``--auth token`` the gunicorn runs with ``PIXSTREAM_AUTH=token`` and every
+request carries a bearer token (the collectors their ISPB's, the seeding POST
+an admin's). ``--auth both`` starts one gunicorn per mode on the same database
+and runs none, token, none, token... so that both see the same machine; it
+reports each mode's figures and the ratio token/none.
+
+    python bench/drain.py [--messages 20000] [--runs 5] [--auth none|token|both]
 """
 
 from gevent import monkey
@@ -25,19 +31,26 @@ TARGET_RATE = 8000.0
 LONG_POLL_SECONDS = 1.5  # 1 would need POOL_TIMEOUT_SECONDS < 3 (config validation)
 
 
-def collect(port: int, ispb: str, out: list[tuple[float, list[dict]]], errors: list[str]) -> int:
+def collect(
+    port: int,
+    ispb: str,
+    headers: dict[str, str],
+    out: list[tuple[float, list[dict]]],
+    errors: list[str],
+) -> int:
     """Start a stream and follow it until 204; append (arrival time, batch); return requests."""
     conn = c.HttpConn("127.0.0.1", port, timeout=30)
+    accept = {**ACCEPT, **headers}
     path = f"/api/pix/{ispb}/stream/start"
     requests = 0
     try:
         while True:
-            reply = conn.request("GET", path, ACCEPT)
+            reply = conn.request("GET", path, accept)
             now = time.perf_counter()
             requests += 1
             if reply.status == 204:
                 # Close the stream: the last batch was confirmed by this very GET.
-                conn.request("DELETE", reply.pull_next or path)
+                conn.request("DELETE", reply.pull_next or path, headers)
                 return requests
             if reply.status != 200:
                 errors.append(f"{reply.status} {reply.body[:200]!r}")
@@ -52,12 +65,18 @@ def collect(port: int, ispb: str, out: list[tuple[float, list[dict]]], errors: l
 
 
 def drain_once(
-    port: int, messages: int, collectors: int, server: c.Gunicorn, backends: c.BackendCpu
+    messages: int,
+    collectors: int,
+    server: c.Gunicorn,
+    backends: c.BackendCpu,
+    credentials: c.Credentials,
 ) -> dict:
+    port = server.port
     ispb = c.random_ispb()
+    headers = credentials.bank(ispb)  # made here, before the clock starts
     seeder = c.HttpConn("127.0.0.1", port, timeout=120)
     seeded_at = time.perf_counter()
-    inserted = c.post_messages(seeder, ispb, messages)
+    inserted = c.post_messages(seeder, ispb, messages, credentials.admin())
     seed_s = time.perf_counter() - seeded_at
     seeder.close()
     if inserted != messages:
@@ -66,7 +85,7 @@ def drain_once(
     errors: list[str] = []
     meter = c.CpuMeter(server, backends=backends).start()
     started = time.perf_counter()
-    jobs = [gevent.spawn(collect, port, ispb, batches, errors) for _ in range(collectors)]
+    jobs = [gevent.spawn(collect, port, ispb, headers, batches, errors) for _ in range(collectors)]
     gevent.joinall(jobs, timeout=300)
     cpu = meter.stop()
     last = max((t for t, _ in batches), default=started)
@@ -91,65 +110,104 @@ def drain_once(
     }
 
 
+def summarize(runs: list[dict], statuses: dict[str, int], errors: list[str]) -> dict:
+    """One mode's result: medians over its runs."""
+    rate = c.median([r["messages_per_s"] for r in runs])
+    exact = all(r["exactly_once"] for r in runs)
+    return {
+        "messages_per_s": rate,
+        "seconds": c.median([r["seconds"] for r in runs]),
+        "exactly_once_all_runs": exact,
+        "client_cpu_share": c.median([r["client_cpu_share"] for r in runs]),
+        "gunicorn_cpu_share": c.median([r["gunicorn_cpu_share"] for r in runs]),
+        "db_backends_cpu_share": c.median([r["db_backends_cpu_share"] for r in runs]),
+        "gunicorn_cpu_ms_per_request": c.median([r["gunicorn_cpu_ms_per_request"] for r in runs]),
+        "db_cpu_ms_per_request": c.median([r["db_cpu_ms_per_request"] for r in runs]),
+        "machine_cpu_cores_busy": c.median([r["machine_cpu_cores_busy"] for r in runs]),
+        "target_messages_per_s": TARGET_RATE,
+        "met": bool(rate is not None and rate >= TARGET_RATE and exact),
+        "server_statuses": statuses,
+        "server_errors": errors[:5],
+        "per_run": runs,
+    }
+
+
 def main() -> None:
     args = c.parser(__doc__.split("\n", 1)[0])
     args.add_argument("--messages", type=int, default=20_000)
     args.add_argument("--runs", type=int, default=5)
     args.add_argument("--collectors", type=int, default=6)
     args.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's")
-    args.add_argument("--time-limit", type=float, default=900)
+    args.add_argument("--time-limit", type=float, default=None, help="default: 900 s per mode")
+    c.add_auth_option(args)
     opts = args.parse_args()
-    c.start_watchdog(opts.time_limit, "drain")
+    modes = c.auth_modes(opts.auth)
+    c.start_watchdog(opts.time_limit or 900 * len(modes), "drain")
     c.raise_nofile()
     load_before = c.loadavg()
+    servers: dict[str, c.Gunicorn] = {}
+    credentials: dict[str, c.Credentials] = {}
     with c.database() as db:
-        server = c.Gunicorn(db.url, workers=opts.workers,
-                            settings={"LONG_POLL_SECONDS": LONG_POLL_SECONDS})  # fmt: skip
         backends = c.BackendCpu(db)
         try:
-            c.log("drain warm-up")
-            drain_once(server.port, 2000, opts.collectors, server, backends)
-            runs = []
+            for mode in modes:
+                servers[mode] = c.Gunicorn(db.url, workers=opts.workers,
+                                           settings={"LONG_POLL_SECONDS": LONG_POLL_SECONDS,
+                                                     "AUTH": mode})  # fmt: skip
+                credentials[mode] = c.Credentials(db.url, mode)
+                c.check_auth(servers[mode], credentials[mode])
+                c.log(f"drain warm-up auth={mode}")
+                drain_once(2000, opts.collectors, servers[mode], backends, credentials[mode])
+            runs: dict[str, list[dict]] = {mode: [] for mode in modes}
             for run in range(opts.runs):
-                quiet = c.wait_quiet()
-                c.log(f"drain run {run + 1}/{opts.runs} (machine busy {quiet} cores)")
-                runs.append(
-                    drain_once(server.port, opts.messages, opts.collectors, server, backends)
-                )
-                runs[-1]["machine_busy_before"] = quiet
-                c.log(f"  {runs[-1]['messages_per_s']} messages/s")
-            errors = server.error_lines()
-            statuses = server.status_counts()
+                for mode in modes:  # alternately: both modes see the same machine
+                    quiet = c.wait_quiet()
+                    c.log(f"drain run {run + 1}/{opts.runs} auth={mode} "
+                          f"(machine busy {quiet} cores)")  # fmt: skip
+                    result = drain_once(opts.messages, opts.collectors, servers[mode], backends,
+                                        credentials[mode])  # fmt: skip
+                    result["machine_busy_before"] = quiet
+                    runs[mode].append(result)
+                    c.log(f"  {result['messages_per_s']} messages/s")
+            errors = {mode: server.error_lines() for mode, server in servers.items()}
+            statuses = {mode: server.status_counts() for mode, server in servers.items()}
         finally:
             backends.close()
-            server.stop()
-    rate = c.median([r["messages_per_s"] for r in runs])
-    exact = all(r["exactly_once"] for r in runs)
+            for credential in credentials.values():
+                credential.close()
+            for server in servers.values():
+                server.stop()
+    common = {
+        "bench": "drain",
+        "database": db.kind,
+        "workers": next(iter(servers.values())).workers,
+        "collectors": opts.collectors,
+        "messages": opts.messages,
+        "runs": opts.runs,
+        "auth": opts.auth,
+    }
+    results = {mode: summarize(runs[mode], statuses[mode], errors[mode]) for mode in modes}
+    if len(modes) == 1:
+        c.emit({**common, **results[modes[0]], "loadavg_1m_before": load_before})
+        return
+    none, token = results["none"], results["token"]
+    ratios = {
+        key: c.ratio(token[key], none[key])
+        for key in ("messages_per_s", "gunicorn_cpu_ms_per_request", "db_cpu_ms_per_request")
+    }
     c.emit(
         {
-            "bench": "drain",
-            "database": db.kind,
-            "workers": server.workers,
-            "collectors": opts.collectors,
-            "messages": opts.messages,
-            "runs": opts.runs,
-            "messages_per_s": rate,
-            "seconds": c.median([r["seconds"] for r in runs]),
-            "exactly_once_all_runs": exact,
-            "client_cpu_share": c.median([r["client_cpu_share"] for r in runs]),
-            "gunicorn_cpu_share": c.median([r["gunicorn_cpu_share"] for r in runs]),
-            "db_backends_cpu_share": c.median([r["db_backends_cpu_share"] for r in runs]),
-            "gunicorn_cpu_ms_per_request": c.median(
-                [r["gunicorn_cpu_ms_per_request"] for r in runs]
-            ),
-            "db_cpu_ms_per_request": c.median([r["db_cpu_ms_per_request"] for r in runs]),
-            "machine_cpu_cores_busy": c.median([r["machine_cpu_cores_busy"] for r in runs]),
-            "target_messages_per_s": TARGET_RATE,
-            "met": bool(rate is not None and rate >= TARGET_RATE and exact),
-            "server_statuses": statuses,
-            "server_errors": errors[:5],
+            **common,
+            "order": "none, token alternately, each run",
+            "messages_per_s": {"none": none["messages_per_s"], "token": token["messages_per_s"]},
+            "token_over_none": ratios,
+            # Throughput: token may be at most 10 % slower than none (issue #10).
+            "token_within_10pct": ratios["messages_per_s"] is not None
+            and ratios["messages_per_s"] >= 0.90,
+            "met": all(r["met"] for r in results.values()),
             "loadavg_1m_before": load_before,
-            "per_run": runs,
+            "none": none,
+            "token": token,
         }
     )
 

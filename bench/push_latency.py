@@ -6,7 +6,13 @@ server is waiting on it), posts one message and times its arrival. Rounds are
 repeated, in several runs with fresh collectors (so they land on different
 workers); the result is the median over runs of each run's percentiles.
 
-    python bench/push_latency.py [--rounds 200] [--runs 3]
+With ``--auth token`` the gunicorn runs with ``PIXSTREAM_AUTH=token`` and every
+request carries a bearer token (the collectors their ISPB's, the poster an
+admin's). ``--auth both`` starts one gunicorn per mode on the same database and
+runs none, token, none, token... so that both see the same machine; it reports
+each mode's figures and the ratio token/none.
+
+    python bench/push_latency.py [--rounds 200] [--runs 3] [--auth none|token|both]
 """
 
 from gevent import monkey
@@ -29,8 +35,9 @@ TARGET_P99_MS = 20.0
 class Collectors:
     """N collectors on one ISPB; record when each message arrives."""
 
-    def __init__(self, port: int, ispb: str, count: int) -> None:
+    def __init__(self, port: int, ispb: str, count: int, headers: dict[str, str]) -> None:
         self.port, self.ispb = port, ispb
+        self.headers = {**ACCEPT, **headers}
         self.outstanding_since: list[float | None] = [None] * count
         self.arrivals: list[tuple[float, list[str]]] = []
         self.arrived = Event()
@@ -43,7 +50,7 @@ class Collectors:
         path = f"/api/pix/{self.ispb}/stream/start"
         try:
             while not self.stopping:
-                conn.send("GET", path, ACCEPT)
+                conn.send("GET", path, self.headers)
                 self.outstanding_since[index] = time.perf_counter()
                 reply = conn.receive()
                 now = time.perf_counter()
@@ -71,9 +78,12 @@ class Collectors:
         gevent.killall(self.greenlets, timeout=2)
 
 
-def run_rounds(port: int, collectors: int, rounds: int, warmup: int) -> dict[str, object]:
+def run_rounds(
+    port: int, collectors: int, rounds: int, warmup: int, credentials: c.Credentials
+) -> dict[str, object]:
     ispb = c.random_ispb()
-    group = Collectors(port, ispb, collectors)
+    admin = credentials.admin()
+    group = Collectors(port, ispb, collectors, credentials.bank(ispb))
     poster = c.HttpConn("127.0.0.1", port)
     latencies: list[float] = []
     from_sent: list[float] = []
@@ -95,7 +105,7 @@ def run_rounds(port: int, collectors: int, rounds: int, warmup: int) -> dict[str
             group.arrived.clear()
             group.arrivals.clear()
             sent = time.perf_counter()
-            c.post_messages(poster, ispb, 1)
+            c.post_messages(poster, ispb, 1, admin)
             returned = time.perf_counter()
             if not group.arrived.wait(timeout=10):
                 raise RuntimeError(f"message of round {round_no} never arrived: {group.errors}")
@@ -128,6 +138,31 @@ def run_rounds(port: int, collectors: int, rounds: int, warmup: int) -> dict[str
     }
 
 
+def summarize(runs: list[dict[str, object]], errors: list[str]) -> dict[str, object]:
+    """One mode's result: medians over its runs of each run's percentiles."""
+    pooled = [x for run in runs for x in run.pop("_latencies")]  # type: ignore[attr-defined]
+    p50 = c.median([r["p50_ms"] for r in runs])  # type: ignore[misc]
+    p99 = c.median([r["p99_ms"] for r in runs])  # type: ignore[misc]
+    return {
+        "p50_ms": p50,
+        "p99_ms": p99,
+        "p90_ms": c.median([r["p90_ms"] for r in runs]),  # type: ignore[misc]
+        "max_ms": max(r["max_ms"] for r in runs),  # type: ignore[type-var]
+        "pooled_p50_ms": c.ms(c.percentile(pooled, 50), 3),
+        "pooled_p99_ms": c.ms(c.percentile(pooled, 99), 3),
+        # The POST's own round trip: in token mode it includes the admin token's check.
+        "post_rtt_p50_ms": c.median([r["post_rtt_p50_ms"] for r in runs]),  # type: ignore[misc]
+        "client_cpu_share": c.median([r["client_cpu_share"] for r in runs]),  # type: ignore[misc]
+        "target_p50_ms": TARGET_P50_MS,
+        "target_p99_ms": TARGET_P99_MS,
+        "met": bool(p50 is not None and p99 is not None)
+        and p50 <= TARGET_P50_MS
+        and p99 <= TARGET_P99_MS,
+        "server_errors": errors[:5],
+        "per_run": runs,
+    }
+
+
 def main() -> None:
     args = c.parser(__doc__.split("\n", 1)[0])
     args.add_argument("--rounds", type=int, default=200)
@@ -135,49 +170,73 @@ def main() -> None:
     args.add_argument("--warmup", type=int, default=30)
     args.add_argument("--collectors", type=int, default=6)
     args.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's")
-    args.add_argument("--time-limit", type=float, default=600)
+    args.add_argument("--time-limit", type=float, default=None, help="default: 600 s per mode")
+    c.add_auth_option(args)
     opts = args.parse_args()
-    c.start_watchdog(opts.time_limit, "push_latency")
+    modes = c.auth_modes(opts.auth)
+    c.start_watchdog(opts.time_limit or 600 * len(modes), "push_latency")
     c.raise_nofile()
     load_before = c.loadavg()
+    servers: dict[str, c.Gunicorn] = {}
+    credentials: dict[str, c.Credentials] = {}
     with c.database() as db:
-        server = c.Gunicorn(db.url, workers=opts.workers)
         try:
-            runs = []
+            for mode in modes:
+                servers[mode] = c.Gunicorn(db.url, workers=opts.workers, settings={"AUTH": mode})
+                credentials[mode] = c.Credentials(db.url, mode)
+                c.check_auth(servers[mode], credentials[mode])
+            runs: dict[str, list[dict[str, object]]] = {mode: [] for mode in modes}
             for run in range(opts.runs):
-                quiet = c.wait_quiet()
-                c.log(f"push_latency run {run + 1}/{opts.runs} (machine busy {quiet} cores)")
-                runs.append(run_rounds(server.port, opts.collectors, opts.rounds, opts.warmup))
-                runs[-1]["machine_busy_before"] = quiet
-            errors = server.error_lines()
+                for mode in modes:  # alternately: both modes see the same machine
+                    quiet = c.wait_quiet()
+                    c.log(f"push_latency run {run + 1}/{opts.runs} auth={mode} "
+                          f"(machine busy {quiet} cores)")  # fmt: skip
+                    result = run_rounds(servers[mode].port, opts.collectors, opts.rounds,
+                                        opts.warmup, credentials[mode])  # fmt: skip
+                    result["machine_busy_before"] = quiet
+                    runs[mode].append(result)
+                    c.log(f"  p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+            errors = {mode: server.error_lines() for mode, server in servers.items()}
         finally:
-            server.stop()
-    pooled = [x for run in runs for x in run.pop("_latencies")]  # type: ignore[attr-defined]
-    p50 = c.median([r["p50_ms"] for r in runs])  # type: ignore[misc]
-    p99 = c.median([r["p99_ms"] for r in runs])  # type: ignore[misc]
+            for credential in credentials.values():
+                credential.close()
+            for server in servers.values():
+                server.stop()
+    common = {
+        "bench": "push_latency",
+        "database": db.kind,
+        "workers": next(iter(servers.values())).workers,
+        "collectors": opts.collectors,
+        "rounds_per_run": opts.rounds,
+        "runs": opts.runs,
+        "auth": opts.auth,
+    }
+    results = {mode: summarize(runs[mode], errors[mode]) for mode in modes}
+    if len(modes) == 1:
+        c.emit({**common, **results[modes[0]], "loadavg_1m_before": load_before})
+        return
+    none, token = results["none"], results["token"]
+    ratios = {
+        key: c.ratio(token[key], none[key])  # type: ignore[arg-type]
+        for key in ("p50_ms", "p99_ms", "pooled_p50_ms", "pooled_p99_ms", "post_rtt_p50_ms")
+    }
     c.emit(
         {
-            "bench": "push_latency",
-            "database": db.kind,
-            "workers": server.workers,
-            "collectors": opts.collectors,
-            "rounds_per_run": opts.rounds,
-            "runs": opts.runs,
-            "p50_ms": p50,
-            "p99_ms": p99,
-            "p90_ms": c.median([r["p90_ms"] for r in runs]),  # type: ignore[misc]
-            "max_ms": max(r["max_ms"] for r in runs),  # type: ignore[type-var]
-            "pooled_p50_ms": c.ms(c.percentile(pooled, 50), 3),
-            "pooled_p99_ms": c.ms(c.percentile(pooled, 99), 3),
-            "client_cpu_share": c.median([r["client_cpu_share"] for r in runs]),  # type: ignore[misc]
-            "target_p50_ms": TARGET_P50_MS,
-            "target_p99_ms": TARGET_P99_MS,
-            "met": bool(p50 is not None and p99 is not None)
-            and p50 <= TARGET_P50_MS
-            and p99 <= TARGET_P99_MS,
-            "server_errors": errors[:5],
+            **common,
+            "order": "none, token alternately, each run",
+            "p50_ms": {"none": none["p50_ms"], "token": token["p50_ms"]},
+            "p99_ms": {"none": none["p99_ms"], "token": token["p99_ms"]},
+            "token_over_none": ratios,
+            # Latency: token may be at most 10 % slower than none (issue #10).
+            "token_within_10pct": bool(
+                ratios["p50_ms"] is not None and ratios["p99_ms"] is not None
+            )
+            and ratios["p50_ms"] <= 1.10  # type: ignore[operator]
+            and ratios["p99_ms"] <= 1.10,  # type: ignore[operator]
+            "met": all(r["met"] for r in results.values()),
             "loadavg_1m_before": load_before,
-            "per_run": runs,
+            "none": none,
+            "token": token,
         }
     )
 
