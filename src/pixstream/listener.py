@@ -5,12 +5,17 @@ no database connection and runs no query meanwhile. A notification only says
 "look again": the database stays the truth, so a spurious or merged wake-up is
 harmless, while a missed one would cost a whole long-poll window. Hence the
 rules below: register before the first claim, clear before each re-claim, and
-wake everyone whenever notifications may have been missed (on reconnect).
+re-check whenever notifications may have been missed (on reconnect): at once
+where messages are queued, at the end of the window elsewhere.
 
 The same connection also listens on ``pix_credentials`` (a credential was
 created, revoked or changed; the payload is its id) and hands those payloads
 to the callbacks registered with ``on_notify``; ``on_reconnect`` callbacks run
 on every new connection, since notifications sent meanwhile were lost.
+
+The thread must outlive anything short of its own killing (a BaseException):
+without it the process silently falls back to one claim per window. Any
+other exception is logged, counted and handled like a lost connection.
 
 Only ``threading`` primitives are used: under gunicorn's gevent worker they are
 monkey-patched into greenlet primitives, under the dev server they are threads.
@@ -23,7 +28,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 
 import psycopg
 from psycopg.conninfo import make_conninfo
@@ -36,6 +41,37 @@ log = logging.getLogger(__name__)
 CHANNEL = "pix_inserted"
 CREDENTIALS_CHANNEL = "pix_credentials"
 _PROBE_DEADLINE = 5.0  # seconds for the liveness probe to answer
+
+# TCP settings of the LISTEN connection, in libpq's names (db.py's pool uses
+# gentler ones). This connection mostly waits to receive, and a peer gone
+# without a FIN or RST (a half-open socket) never makes a read fail: keepalives
+# find it after 2 s of silence and 3 unanswered probes a second apart, and
+# tcp_user_timeout drops it once data sent (the probe's SELECT 1) has gone
+# unacknowledged for 5 s, even where no gevent deadline applies. Worst case
+# about 10 s, the probe interval; see "Wait" in docs/architecture.md.
+TCP_SETTINGS: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 2,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 5000,  # ms
+}
+# The same on the server's side of it: a listener that vanished is dropped
+# within seconds, instead of holding back the server's notification queue.
+_SERVER_SETTINGS = (
+    "SELECT set_config('tcp_keepalives_idle', '2', false),"
+    " set_config('tcp_keepalives_interval', '1', false),"
+    " set_config('tcp_keepalives_count', '3', false),"
+    " set_config('tcp_user_timeout', '5000', false)"
+)
+# Which of the waiting ISPBs have queued messages: one probe of the queued
+# index (recipient_ispb, id) WHERE pull_id IS NULL per ISPB, however long its queue.
+_QUEUED_ISPBS = """
+    SELECT w.ispb FROM unnest(%s::text[]) AS w(ispb)
+    WHERE EXISTS (
+        SELECT FROM pix_message m WHERE m.recipient_ispb = w.ispb AND m.pull_id IS NULL
+    )
+"""
 
 
 class Wakeup:
@@ -184,9 +220,10 @@ class Listener:
                     self._conninfo,
                     connect_timeout=3,
                     fallback_application_name=db.application_name("pixstream-listener"),
-                    **db.KEEPALIVES,
+                    **TCP_SETTINGS,
                 )
                 with psycopg.connect(conninfo, autocommit=True) as conn:
+                    conn.execute(_SERVER_SETTINGS)
                     # pix_inserted last: pg_stat_activity shows a backend's last
                     # statement, and operators (and the tests) find the listener by it.
                     conn.execute(f"LISTEN {CREDENTIALS_CHANNEL}")
@@ -199,26 +236,58 @@ class Listener:
                         log.info("listener reconnected")
                     first = False
                     backoff = 0.05
-                    # Notifications sent while nobody listened are gone: everyone re-checks.
+                    # Notifications sent while nobody listened are gone.
                     self._reconnected()
-                    self._wake_all()
+                    self._wake_queued(conn)
                     self._listen(conn)
             except (psycopg.Error, DatabaseUnavailable) as exc:
                 if not self._closing.is_set():
                     log.warning("listener connection lost: %s", exc)
+            except Exception:
+                # Anything else (a bug, a waiter or hook that raises) must not
+                # end the thread: without it the process silently falls back
+                # to one claim per window. The connection is closed on the way
+                # out, and the next one wakes waiters as after a lost socket:
+                # the notifications being handed out may not all have been.
+                # (BaseException, e.g. GreenletExit at shutdown, still ends it.)
+                log.exception("listener failed; reconnecting")
+                metrics.LISTENER_ERRORS.inc()
             finally:
                 self._connected.clear()
                 metrics.LISTENER_CONNECTED.set(0)
             self._closing.wait(backoff)
             backoff = min(backoff * 2, self._max_backoff)
 
+    def _wake_queued(self, conn: psycopg.Connection) -> None:
+        """Wake the waiters of the ISPBs with queued messages: their notifications may be lost.
+
+        Waking every waiter instead would send them all to the pool at once,
+        just as the database is back (a herd of 503s). A waiter left asleep
+        re-checks at the end of its window, as its generation has changed.
+        The query runs after LISTEN: a commit it does not see is notified.
+        """
+        with self._lock:
+            ispbs = list(self._waiters)
+        if not ispbs:
+            return
+        with db.deadline(_PROBE_DEADLINE):
+            queued = conn.execute(_QUEUED_ISPBS, (ispbs,)).fetchall()
+            # A no-op, so that pg_stat_activity shows the listener by its
+            # last statement again (see _run).
+            conn.execute(f"LISTEN {CHANNEL}")
+        for (ispb,) in queued:
+            self._wake(ispb)
+
     def _listen(self, conn: psycopg.Connection) -> None:
         while not self._closing.is_set():
-            for notify in conn.notifies(timeout=self._probe_seconds):
-                if notify.channel == CHANNEL:
-                    self._wake(notify.payload)
-                else:
-                    self._dispatch(notify.channel, notify.payload)
+            # notifies() holds the connection's lock while suspended: close it
+            # explicitly when a wake-up raises, so closing the connection cannot block.
+            with closing(conn.notifies(timeout=self._probe_seconds)) as notifies:
+                for notify in notifies:
+                    if notify.channel == CHANNEL:
+                        self._wake(notify.payload)
+                    else:
+                        self._dispatch(notify.channel, notify.payload)
             # A quiet channel says nothing about the connection: probe it, so a
             # dead socket (or a frozen server) is found within probe_seconds,
             # not at the next insert.

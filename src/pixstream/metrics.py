@@ -67,6 +67,10 @@ POOL_WAITING = Gauge(
     multiprocess_mode="livesum",
 )
 LISTENER_RECONNECTS = Counter("pixstream_listener_reconnects", "LISTEN connections re-made.")
+LISTENER_ERRORS = Counter(
+    "pixstream_listener_errors",
+    "Unexpected exceptions caught in the listener thread (each followed by a reconnect).",
+)
 LISTENER_CONNECTED = Gauge(
     "pixstream_listener_connected",
     "1 while this process listens on pix_inserted.",
