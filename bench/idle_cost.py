@@ -289,8 +289,8 @@ def collect(server: c.Gunicorn, monitor: Monitor, ispbs: int, per_ispb: int) -> 
     by_name: dict[str, int] = {}
     for name in started.values():
         by_name[name] = by_name.get(name, 0) + 1
-    # The sweeper's transaction: expire_idle_streams, count_all_open_streams, COMMIT.
-    sweeper = ("expire_idle_streams", "count_all_open_streams", "COMMIT")
+    # The sweeper's transaction: expire_all_idle_streams, count_all_open_streams, COMMIT.
+    sweeper = ("expire_all_idle_streams", "count_all_open_streams", "COMMIT")
     not_sweeper = sum(n for name, n in by_name.items() if name not in sweeper)
     return {
         "streams_closed_after": closed,

@@ -15,23 +15,35 @@ The last two guard a regression: with ``recipient_ispb = %(ispb)s ... ORDER BY
 id`` the planner chose to walk pix_message_pkey with a filter there, reading the
 collected history (or other ISPBs' backlog) before the first queued row: 18 ms
 instead of 0.2 ms at 100,000 rows, growing with the table.
+
+psycopg prepares a statement after five executions on a connection, and
+PostgreSQL may then run it with a generic plan, made without the parameters'
+values. So the hot statements (the claim, the stream lock, both expiries, ...)
+are also checked the way a long-lived pooled connection runs them: prepared by
+psycopg itself, with its parameter types, and explained with ``EXPLAIN
+EXECUTE`` under ``plan_cache_mode = force_generic_plan``. The scenario adds the
+streams those statements read: a history of closed streams and six open ones
+per ISPB.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pixstream import migrate
 from pixstream.sql import QUERIES
 
 ROWS = 200_000
+CLOSED_STREAMS = 20_000
 ISPBS = ("32074986", "60701190", "18236120", "00360305", "90400888")
 PULL = "claimplan0000000000000000"
 SCENARIOS = {"tail-queued": 0.999, "half-collected": 0.5, "all-queued": 0.0}
@@ -58,6 +70,18 @@ SELECT 'E60701190202401011200' || lpad(g::text, 11, '0'),
        CASE WHEN g <= %(collected)s THEN 'histpull' || lpad((g / 10)::text, 8, '0') END,
        CASE WHEN g <= %(collected)s THEN 1 ELSE 0 END
 FROM generate_series(1, %(rows)s) AS g;
+
+INSERT INTO pix_stream (ispb, current_pull, opened_at, last_seen_at, closed_at, close_reason)
+SELECT (%(ispbs)s::text[])[1 + n %% %(n_ispbs)s], 'strmpull' || lpad(n::text, 8, '0'),
+       now() - interval '2 days', now() - interval '1 day', now() - interval '1 day', 'expired'
+FROM generate_series(1, %(closed_streams)s) AS n;
+
+INSERT INTO pix_pull (id, stream_id, confirmed_at)
+SELECT current_pull, id, now() FROM pix_stream WHERE current_pull LIKE 'strmpull%%';
+
+INSERT INTO pix_stream (ispb, current_pull, last_seen_at)
+SELECT ispb, 'histpull00000000', now() - make_interval(secs => n * 20)
+FROM unnest(%(ispbs)s::text[]) AS ispb, generate_series(1, 6) AS n;
 """
 
 
@@ -68,13 +92,15 @@ def with_dbname(url: str, dbname: str) -> str:
 
 
 def load(conn: psycopg.Connection, collected: int) -> None:
-    params = {"collected": collected, "rows": ROWS, "ispbs": list(ISPBS), "n_ispbs": len(ISPBS)}
+    params = {"collected": collected, "rows": ROWS, "ispbs": list(ISPBS), "n_ispbs": len(ISPBS),
+              "closed_streams": CLOSED_STREAMS}  # fmt: skip
     with conn.transaction():
         for statement in LOAD.split(";\n"):
             if statement.strip():
                 conn.execute(statement, params)
     conn.execute("ANALYZE pix_message")
     conn.execute("ANALYZE pix_pull")
+    conn.execute("ANALYZE pix_stream")
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
@@ -178,3 +204,129 @@ def test_explained_statement_claims_the_oldest_queued(conn: psycopg.Connection) 
         ).fetchall()
     assert len(oldest) == 10
     assert [json.loads(row[0])["endToEndId"] for row in rows] == oldest
+
+
+# --------------------------------------------------------------------------- generic plans
+
+PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+
+
+def generic_plan(
+    conn: psycopg.Connection, name: str, params: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str]:
+    """The plan nodes and text of statement ``name`` as a prepared statement runs it.
+
+    psycopg prepares it (prepare=True, what it does by itself after five
+    executions), with the parameter types it always sends; EXPLAIN EXECUTE
+    under force_generic_plan then shows the plan made without the values.
+    Inside a transaction rolled back: the statement runs once to be prepared.
+    """
+    known = "SELECT name FROM pg_prepared_statements WHERE NOT from_sql"
+    with conn.transaction(force_rollback=True):
+        conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        before = {row[0] for row in conn.execute(known)}
+        conn.execute(QUERIES[name], params, prepare=True)  # type: ignore[arg-type]
+        (prepared,) = {row[0] for row in conn.execute(known)} - before
+        # psycopg numbers the placeholders in the order of their first appearance.
+        order = list(dict.fromkeys(PLACEHOLDER.findall(QUERIES[name])))
+        execute = sql.SQL("EXECUTE {}({})").format(
+            sql.Identifier(prepared), sql.SQL(", ").join(sql.Literal(params[k]) for k in order)
+        )
+        (document,) = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(execute)).fetchone()  # type: ignore[misc]
+        text = "\n".join(row[0] for row in conn.execute(sql.SQL("EXPLAIN {}").format(execute)))
+        (generic,) = conn.execute(
+            "SELECT generic_plans FROM pg_prepared_statements WHERE name = %s", (prepared,)
+        ).fetchone()  # type: ignore[misc]
+    if isinstance(document, str):
+        document = json.loads(document)
+    # A generic plan compares with the parameters themselves ($n), not with their values.
+    assert generic >= 1 and re.search(r"\$\d", text), text
+    return list(nodes(document[0]["Plan"])), text
+
+
+def scans_of(plan: list[dict[str, Any]], table: str) -> list[dict[str, Any]]:
+    """The scans of ``table``; a bitmap scan as its Bitmap Index Scan, which names the index."""
+    found = []
+    for n in plan:
+        if n.get("Relation Name") != table or "Scan" not in n["Node Type"]:
+            continue
+        if n["Node Type"] == "Bitmap Heap Scan":
+            bitmaps = [b for b in nodes(n) if b["Node Type"] == "Bitmap Index Scan"]
+            found.extend({**b, "Alias": n.get("Alias")} for b in bitmaps)
+        else:
+            found.append(n)
+    return found
+
+
+def index_names(plan: list[dict[str, Any]], table: str) -> set[str]:
+    return {n.get("Index Name", n["Node Type"]) for n in scans_of(plan, table)}
+
+
+IDLE = {"idle_seconds": 60.0}
+
+
+@pytest.mark.parametrize("limit", [1, 10])
+def test_prepared_claim_reads_the_queued_index(conn: psycopg.Connection, limit: int) -> None:
+    plan, text = generic_plan(conn, "claim_batch", {"ispb": ISPBS[0], "pull": PULL, "limit": limit})
+    finders = [
+        n for n in scans_of(plan, "pix_message") if "claimable" not in n.get("Index Cond", "")
+    ]
+    assert len(finders) == 1, text
+    assert finders[0]["Node Type"] == "Index Scan", text
+    assert finders[0]["Index Name"] == "pix_message_queued_idx", text
+    assert "Seq Scan" not in text
+
+
+def test_prepared_stream_lock_finds_the_stream_by_keys(conn: psycopg.Connection) -> None:
+    plan, text = generic_plan(conn, "lock_stream_by_pull", {"pull": "strmpull00000001", **IDLE})
+    assert index_names(plan, "pix_pull") == {"pix_pull_pkey"}, text
+    assert index_names(plan, "pix_stream") == {"pix_stream_pkey"}, text
+    assert "Seq Scan" not in text
+
+
+def test_prepared_expiry_of_one_ispb_reads_only_its_open_streams(
+    conn: psycopg.Connection,
+) -> None:
+    plan, text = generic_plan(conn, "expire_idle_streams_of_ispb", {"ispb": ISPBS[0], **IDLE})
+    finders = [n for n in scans_of(plan, "pix_stream") if n.get("Alias") != "s"]
+    assert len(finders) == 1, text
+    assert finders[0]["Index Name"] == "pix_stream_open_idx", text
+    # The ISPB bounds the index scan: not a walk of every open stream, filtered.
+    assert "ispb = $" in finders[0]["Index Cond"], text
+    assert "Seq Scan" not in text
+
+
+def test_prepared_sweep_reads_only_open_streams(conn: psycopg.Connection) -> None:
+    plan, text = generic_plan(conn, "expire_all_idle_streams", IDLE)
+    finders = [n for n in scans_of(plan, "pix_stream") if n.get("Alias") != "s"]
+    assert len(finders) == 1, text
+    assert finders[0]["Index Name"] == "pix_stream_open_idx", text
+    assert "Seq Scan" not in text
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "table", "index"),
+    [
+        ("count_open_streams", {"ispb": ISPBS[0]}, "pix_stream", "pix_stream_open_idx"),
+        ("confirm_pull", {"pull": "histpull00000001"}, "pix_pull", "pix_pull_pkey"),
+        ("batch_documents", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
+        ("release_pull", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
+    ],
+)
+def test_prepared_protocol_statements_use_their_index(
+    conn: psycopg.Connection, name: str, params: dict[str, Any], table: str, index: str
+) -> None:
+    plan, text = generic_plan(conn, name, params)
+    assert index in index_names(plan, table), text
+    assert "Seq Scan" not in text
+
+
+# A parameter that may be NULL to mean "any" makes a statement serve two cases
+# with one generic plan. Allowed only where the column has no index to lose.
+TWO_PURPOSE = re.compile(r"%\((\w+)\)s(?:::\w+)?\s+IS\s+NULL", re.IGNORECASE)
+NOT_INDEXED = {("list_credentials", "kind"), ("list_credentials_of_ispb", "kind")}
+
+
+def test_no_statement_serves_two_purposes_through_an_indexed_column() -> None:
+    found = {(name, param) for name, text in QUERIES.items() for param in TWO_PURPOSE.findall(text)}
+    assert found <= NOT_INDEXED, found - NOT_INDEXED

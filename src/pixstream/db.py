@@ -91,6 +91,37 @@ def embedded_url(data_dir: str) -> str:
     return str(server.get_uri())
 
 
+@dataclass(frozen=True, slots=True)
+class ServerLimits:
+    """The server-side time limits of every pooled connection, in seconds (None: none)."""
+
+    statement: float
+    idle_in_transaction: float
+    lock: float | None
+
+
+def server_limits(pool_timeout: float, lock_timeout: float | None = None) -> ServerLimits:
+    """Limits that make PostgreSQL give up on a pooled connection's work before the client does.
+
+    Every transaction of a request runs under a client-side deadline of at
+    most ``pool_timeout`` (``transaction``), which abandons the connection but
+    not the backend: without limits of its own, PostgreSQL would go on running
+    the statement, holding its locks, and the next read of that stream would
+    wait on them. So a statement is cancelled a margin before that deadline
+    (the request then answers 503 from the database's own error), and a
+    transaction left idle longer than any request may last is ended by the
+    server: its client gave up, froze or lost the network. A lock wait
+    configured longer than the statement limit could never last that long:
+    it is cut to it.
+    """
+    statement = pool_timeout - min(0.5, pool_timeout / 4)
+    return ServerLimits(
+        statement=statement,
+        idle_in_transaction=pool_timeout + 1.0,
+        lock=None if lock_timeout is None else min(lock_timeout, statement),
+    )
+
+
 def make_pool(
     conninfo: str, *, max_size: int, timeout: float, lock_timeout: float | None = None
 ) -> ConnectionPool:
@@ -99,16 +130,21 @@ def make_pool(
     Waiting requests hold no connection, so a small pool serves thousands of
     collectors; ``timeout`` bounds how long a request waits for a connection
     (and so for an unreachable database) before it answers 503.
-    ``lock_timeout`` bounds each lock wait of every pooled connection (set
-    once per connection, so no round trip per request): a stream row locked
-    by a request on another host makes this one answer 503, not queue
-    unboundedly while it holds a connection.
+    Every pooled connection gets the ``server_limits`` of ``timeout`` (set once
+    per connection, so no round trip per request): ``lock_timeout`` bounds each
+    lock wait, so a stream row locked by a request on another host makes this
+    one answer 503, not queue unboundedly while it holds a connection.
     """
+    limits = server_limits(timeout, lock_timeout)
 
     def configure(conn: psycopg.Connection) -> None:
-        if lock_timeout is not None:
-            store.set_lock_timeout(conn, lock_timeout)
-            conn.commit()  # the pool wants the connection idle
+        store.set_session_limits(
+            conn,
+            lock=limits.lock,
+            statement=limits.statement,
+            idle_in_transaction=limits.idle_in_transaction,
+        )
+        conn.commit()  # the pool wants the connection idle
 
     return ConnectionPool(
         conninfo,
@@ -182,6 +218,19 @@ def transaction(
                 metrics.POOL_IN_USE.dec()
     except PoolTimeout as exc:
         raise DatabaseUnavailable("no database connection could be had in time") from exc
+    except psycopg.errors.QueryCanceled as exc:
+        # statement_timeout (server_limits): the server gave up, and let go of the locks.
+        raise DatabaseUnavailable(
+            "the database did not finish a statement in time (statement_timeout)"
+        ) from exc
+    except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+        # An InternalError (SQLSTATE class 25), not an OperationalError: the
+        # server ended a transaction this process left idle too long (a stall,
+        # a frozen worker; server_limits), and with it the connection.
+        raise DatabaseUnavailable(
+            "the database ended a transaction left idle too long "
+            "(idle_in_transaction_session_timeout)"
+        ) from exc
     except psycopg.errors.LockNotAvailable as exc:
         # The database answers; another request (on another host) holds the lock.
         metrics.REQUESTS_REFUSED.labels("lock_timeout").inc()

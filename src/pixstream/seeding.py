@@ -13,6 +13,12 @@ from psycopg_pool import ConnectionPool
 from pixstream import db, metrics, store
 from pixstream.generator import MessageFactory
 
+# A COPY of one batch is test data, not a protocol request: the statement_timeout
+# of pooled connections (db.server_limits: just under the pool timeout) would
+# cut a large ``flask seed-pix --batch`` short. This bounds a stuck one
+# instead; under gevent, the transaction's deadline still applies.
+SEED_STATEMENT_TIMEOUT_SECONDS = 600.0
+
 
 def insert_random(
     pool: ConnectionPool,
@@ -32,6 +38,7 @@ def insert_random(
     while inserted < count:
         size = min(batch_size, count - inserted)
         with db.transaction(pool) as conn:
+            store.set_local_statement_timeout(conn, SEED_STATEMENT_TIMEOUT_SECONDS)
             written = store.copy_messages(conn, factory.rows(ispb, size))
         inserted += written
         metrics.MESSAGES_INSERTED.inc(written)

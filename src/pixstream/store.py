@@ -135,8 +135,15 @@ def release_pull(conn: psycopg.Connection, pull: str) -> int:
 def expire_idle_streams(
     conn: psycopg.Connection, *, idle_seconds: float, ispb: str | None = None
 ) -> list[ExpiredStream]:
-    """Expire the idle streams of ``ispb`` (of every ISPB when None)."""
-    rows = _run(conn, "expire_idle_streams", {"ispb": ispb, "idle_seconds": idle_seconds})
+    """Expire the idle streams of ``ispb`` (of every ISPB when None).
+
+    One statement per case, each with a generic plan of its own (see queries.sql).
+    """
+    if ispb is None:
+        rows = _run(conn, "expire_all_idle_streams", {"idle_seconds": idle_seconds})
+    else:
+        params = {"ispb": ispb, "idle_seconds": idle_seconds}
+        rows = _run(conn, "expire_idle_streams_of_ispb", params)
     return [ExpiredStream(int(id_), ispb_, int(released)) for id_, ispb_, released in rows]
 
 
@@ -223,7 +230,10 @@ def list_credentials(
     conn: psycopg.Connection, *, ispb: str | None = None, kind: str | None = None
 ) -> list[CredentialRecord]:
     """Every credential (``ispb`` None: administrators included) or one ISPB's, oldest first."""
-    rows = _run(conn, "list_credentials", {"ispb": ispb, "kind": kind})
+    if ispb is None:
+        rows = _run(conn, "list_credentials", {"kind": kind})
+    else:
+        rows = _run(conn, "list_credentials_of_ispb", {"ispb": ispb, "kind": kind})
     return [CredentialRecord(*row) for row in rows]
 
 
@@ -240,6 +250,27 @@ def touch_last_used(conn: psycopg.Connection, ids: Iterable[int], used_at: datet
 # Limits (streams.py)
 
 
-def set_lock_timeout(conn: psycopg.Connection, seconds: float) -> None:
-    """Bound every lock wait of this connection's session to ``seconds``."""
-    _run(conn, "set_lock_timeout", {"timeout": f"{max(1, round(seconds * 1000))}ms"})
+def _milliseconds(seconds: float | None) -> str:
+    """A duration as PostgreSQL settings take it; None (no limit) is 0."""
+    return "0" if seconds is None else f"{max(1, round(seconds * 1000))}ms"
+
+
+def set_session_limits(
+    conn: psycopg.Connection,
+    *,
+    lock: float | None,
+    statement: float | None,
+    idle_in_transaction: float | None,
+) -> None:
+    """Bound this session's lock waits, statements and idle transactions (seconds; None: none)."""
+    params = {
+        "lock_timeout": _milliseconds(lock),
+        "statement_timeout": _milliseconds(statement),
+        "idle_timeout": _milliseconds(idle_in_transaction),
+    }
+    _run(conn, "set_session_limits", params)
+
+
+def set_local_statement_timeout(conn: psycopg.Connection, seconds: float | None) -> None:
+    """Bound the statements of this transaction only (None: no limit)."""
+    _run(conn, "set_local_statement_timeout", {"timeout": _milliseconds(seconds)})

@@ -107,16 +107,42 @@ WITH released AS (
 )
 SELECT count(*) FROM released;
 
--- name: expire_idle_streams
+-- name: expire_idle_streams_of_ispb
 -- Streams nobody asked for within the idle window stop counting against the
 -- limit and give their unconfirmed batch back to the queue. Run lazily for one
--- ISPB (at start and at claim) and by the periodic sweep for all (ispb NULL).
+-- ISPB, at start and at claim; expire_all_idle_streams is the periodic sweep.
+-- Two statements, not one with "ispb = x OR x IS NULL": psycopg prepares a
+-- statement after five executions, and the generic plan of such a shape cannot
+-- use the ISPB as an index condition, so every lazy expiry would read all open
+-- streams (tests/test_claim_plan.py checks the generic plans).
 -- SKIP LOCKED leaves a stream that a request is serving right now to that
 -- request, and keeps two expiries from waiting on each other.
 WITH idle AS (
     SELECT id FROM pix_stream
     WHERE closed_at IS NULL
-      AND (ispb = %(ispb)s OR %(ispb)s::text IS NULL)
+      AND ispb = %(ispb)s
+      AND last_seen_at < now() - make_interval(secs => %(idle_seconds)s)
+    FOR UPDATE SKIP LOCKED
+), expired AS (
+    UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
+    FROM idle WHERE s.id = idle.id
+    RETURNING s.id, s.ispb, s.current_pull
+), released AS (
+    UPDATE pix_message m SET pull_id = NULL
+    FROM expired e JOIN pix_pull p ON p.id = e.current_pull AND p.confirmed_at IS NULL
+    WHERE m.pull_id = e.current_pull
+    RETURNING e.id AS stream_id
+)
+SELECT e.id, e.ispb, count(r.stream_id) AS released
+FROM expired e LEFT JOIN released r ON r.stream_id = e.id
+GROUP BY e.id, e.ispb;
+
+-- name: expire_all_idle_streams
+-- The periodic sweep: expire_idle_streams_of_ispb for every ISPB at once, so
+-- that streams of ISPBs nobody reads any more expire too. Same SKIP LOCKED.
+WITH idle AS (
+    SELECT id FROM pix_stream
+    WHERE closed_at IS NULL
       AND last_seen_at < now() - make_interval(secs => %(idle_seconds)s)
     FOR UPDATE SKIP LOCKED
 ), expired AS (
@@ -178,13 +204,21 @@ SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revok
 FROM pix_credential WHERE id = %(id)s;
 
 -- name: list_credentials
--- Every credential (ispb NULL, administrators included) or one ISPB's; of one
--- kind or both (kind NULL).
+-- Every credential, administrators included; of one kind or both (kind NULL:
+-- a filter only, no index has the kind). One ISPB's: list_credentials_of_ispb,
+-- a statement of its own so that its prepared (generic) plan keeps the ISPB
+-- as an index condition.
 SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revoked_at,
        secret_hash, subject
 FROM pix_credential
-WHERE (ispb = %(ispb)s OR %(ispb)s::text IS NULL)
-  AND (kind = %(kind)s OR %(kind)s::text IS NULL)
+WHERE kind = %(kind)s OR %(kind)s::text IS NULL
+ORDER BY id;
+
+-- name: list_credentials_of_ispb
+SELECT id, ispb, kind, admin, label, created_at, last_used_at, expires_at, revoked_at,
+       secret_hash, subject
+FROM pix_credential
+WHERE ispb = %(ispb)s AND (kind = %(kind)s OR %(kind)s::text IS NULL)
 ORDER BY id;
 
 -- name: revoke_credential
@@ -208,9 +242,24 @@ WHERE id = ANY(%(ids)s::bigint[]);
 
 -- Limits (streams.py)
 
--- name: set_lock_timeout
+-- name: set_session_limits
 -- Run once on each new pooled connection (session-wide, so it costs no round
--- trip per request): a request waits at most this long for a row or advisory
--- lock, e.g. a stream locked by a request on another host, then fails with
--- lock_not_available (55P03), answered 503 with Retry-After.
-SELECT set_config('lock_timeout', %(timeout)s, false);
+-- trip per request), with limits db.server_limits derives from the pool
+-- timeout, so that the server gives up before the client does:
+-- lock_timeout: a request waits at most this long for a row or advisory lock,
+--   e.g. a stream locked by a request on another host, then fails with
+--   lock_not_available (55P03), answered 503 with Retry-After;
+-- statement_timeout: a statement still running when the client's deadline
+--   would abandon it is cancelled by the server (57014), so it does not keep
+--   running, and keep its locks, after the request answered 503;
+-- idle_in_transaction_session_timeout: a backend whose client went quiet
+--   mid-transaction (a frozen worker, a partition; a socket the server never
+--   sees close) is terminated, and its row and advisory locks released.
+SELECT set_config('lock_timeout', %(lock_timeout)s, false),
+       set_config('statement_timeout', %(statement_timeout)s, false),
+       set_config('idle_in_transaction_session_timeout', %(idle_timeout)s, false);
+
+-- name: set_local_statement_timeout
+-- For this transaction only: work that is not a protocol request (seeding's
+-- COPY of a large batch) gets a limit of its own.
+SELECT set_config('statement_timeout', %(timeout)s, true);
