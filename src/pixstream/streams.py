@@ -301,7 +301,8 @@ class StreamService:
             ):
                 # Listened throughout on one connection: no notification
                 # was missed, so the empty claim still stands. (After a
-                # reconnect, the listener has woken everyone anyway.)
+                # reconnect, the listener woke the ISPBs with queued rows at
+                # once; every other waiter re-checks here, at the window's end.)
                 break
             wakeup.clear()  # before the claim: a later insert must wake us again
             # On a wake-up, claim; at the end of a window in which the
