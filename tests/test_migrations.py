@@ -4,6 +4,8 @@ safe when every worker of every host runs it at the same time."""
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -155,3 +157,47 @@ def test_schema_has_tables_indexes_trigger(database_url: str) -> None:
 
     assert {"pix_message_document", "pix_notify_inserted"} <= functions
     assert "pix_message_pull_fk" in constraints
+
+
+@pytest.fixture
+def lock_holder(empty_database: str) -> Iterator[psycopg.Connection]:
+    """Another session holding the migration lock, as a long release migration does."""
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(7242)")
+        yield conn
+
+
+def test_bounded_lock_wait_gives_up_and_applies_nothing(
+    empty_database: str, lock_holder: psycopg.Connection
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(migrate.LockBusy):
+        migrate.upgrade(empty_database, lock_wait=0.5)
+    assert 0.4 < time.monotonic() - started < 5
+    with pytest.raises(migrate.LockBusy):
+        migrate.upgrade(empty_database, lock_wait=0)
+    assert migrate.pending(empty_database) == ALL
+
+
+def test_start_behind_a_held_lock_reports_what_is_pending(
+    empty_database: str, lock_holder: psycopg.Connection
+) -> None:
+    started = time.monotonic()
+    assert migrate.upgrade_at_start(empty_database, lock_wait=0.5) == ALL
+    assert time.monotonic() - started < 5, "the boot-time wait must be bounded"
+    lock_holder.execute("SELECT pg_advisory_unlock(7242)")
+    assert migrate.upgrade_at_start(empty_database, lock_wait=0.5) == []
+    assert migrate.pending(empty_database) == []
+
+
+def test_start_behind_a_held_lock_on_a_current_schema(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(7242)")
+        assert migrate.upgrade_at_start(database_url, lock_wait=0.2) == []
+    assert migrate.pending(database_url) == []
+
+
+def test_bounded_wait_does_not_limit_the_migrations(empty_database: str) -> None:
+    """lock_timeout bounds the wait for the lock only, not the locks the files then take."""
+    migrate.upgrade(empty_database, lock_wait=0.05)
+    assert migrate.pending(empty_database) == []

@@ -19,9 +19,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
     This touches the database: without DATABASE_URL it starts (or attaches to)
     the embedded PostgreSQL, and it applies pending migrations (a database
-    that is down is tolerated). The pool, the listener and the sweeper start
-    only later, after gunicorn has forked the worker (its post_worker_init
-    hook) or on first use.
+    that is down is tolerated, and so is a migration lock held past a few
+    seconds: the app then starts not ready until the schema is current). The
+    pool, the listener and the sweeper start only later, after gunicorn has
+    forked the worker (its post_worker_init hook) or on first use.
     """
     from flask import Flask
 
@@ -32,8 +33,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     logs.configure(app.config["LOG_FORMAT"], app.config["LOG_LEVEL"])
     database = db.locate(app.config["DATABASE_URL"], app.config["DATA_DIR"])
     app.config["DATABASE_URL"] = database.url
-    migrate.upgrade_at_start(database.url)
-    runtime.init_app(app, location=database.location)
+    pending = migrate.upgrade_at_start(database.url)
+    runtime.init_app(app, location=database.location, pending_migrations=pending)
     api.init_app(app)
     cli.init_app(app)
     return app

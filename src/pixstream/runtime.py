@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, store
+from pixstream import db, migrate, store
 from pixstream.errors import DatabaseUnavailable
 from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
@@ -31,7 +32,13 @@ EXTENSION = "pixstream"
 class Runtime:
     """Everything one server process shares between its requests."""
 
-    def __init__(self, config: dict[str, Any], *, location: str | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        location: str | None = None,
+        pending_migrations: Sequence[str] = (),
+    ) -> None:
         self.conninfo: str = config["DATABASE_URL"]
         # Where the data is, for people: "embedded PostgreSQL in <dir>" or
         # "DATABASE_URL host:port/db" (never a password).
@@ -44,6 +51,10 @@ class Runtime:
         self._sweeper: threading.Thread | None = None
         self._streams: StreamService | None = None
         self._access: AccessService | None = None
+        # Migrations another session was applying when this process booted: not
+        # ready until they are in the ledger (a thread takes them over if free).
+        self._pending_migrations: list[str] = list(pending_migrations)
+        self._schema_watch: threading.Thread | None = None
 
     @property
     def pool(self) -> ConnectionPool:
@@ -125,19 +136,54 @@ class Runtime:
             except Exception:
                 log.exception("sweep failed")
 
+    def _watch_schema(self) -> None:
+        """Start, once, the thread that waits for the pending migrations."""
+        with self._lock:
+            if self._pending_migrations and self._schema_watch is None:
+                self._schema_watch = threading.Thread(
+                    target=self._await_schema, name="pixstream-schema", daemon=True
+                )
+                self._schema_watch.start()
+
+    def _await_schema(self) -> None:
+        """Once a second: apply the pending migrations if the lock is free, else re-read the ledger.
+
+        Whoever holds the lock (the release phase, usually) applies them; if it
+        went away without doing so, this process does.
+        """
+        while self._pending_migrations and not self._stopping.wait(1.0):
+            try:
+                migrate.upgrade(self.conninfo, lock_wait=0)
+                self._pending_migrations = []
+            except migrate.LockBusy:
+                try:
+                    self._pending_migrations = migrate.pending(self.conninfo)
+                except Exception as exc:
+                    log.warning("schema check failed: %s", exc)
+            except Exception:
+                log.exception("migration failed; retrying")
+        if not self._pending_migrations:
+            log.info("schema current")
+
     def start(self) -> None:
         """Open the pool, start listening and sweeping now rather than on the first request."""
         self.pool  # noqa: B018 - the properties start what they return
         self.listener  # noqa: B018
         self._start_sweeper()
+        self._watch_schema()
 
     def readiness(self, timeout: float) -> list[str]:
         """What keeps this process from serving streams now; empty when it is ready.
 
         The database must answer a ping within ``timeout``; the listener, which
-        may still be connecting in a worker that just started, gets half as long.
+        may still be connecting in a worker that just started, gets half as long;
+        the schema must be current (a thread re-checks it, this only reads its result).
         """
         failures = []
+        waiting = self._pending_migrations
+        if waiting:
+            self._watch_schema()
+            failures.append(f"schema: migration in progress: waiting for {', '.join(waiting)}")
         try:
             with db.transaction(self.pool, timeout=timeout) as conn:
                 store.ping(conn)
@@ -165,8 +211,12 @@ class Runtime:
             self._pool.close(timeout=1)
 
 
-def init_app(app: Flask, *, location: str | None = None) -> None:
-    app.extensions[EXTENSION] = Runtime(app.config, location=location)
+def init_app(
+    app: Flask, *, location: str | None = None, pending_migrations: Sequence[str] = ()
+) -> None:
+    app.extensions[EXTENSION] = Runtime(
+        app.config, location=location, pending_migrations=pending_migrations
+    )
 
 
 def runtime() -> Runtime:

@@ -32,19 +32,25 @@ def readyz() -> Response:
     """200 only when this process can serve streams: database and listener up.
 
     The answer names what is down in fixed words; the cause (a driver's text,
-    which can name hosts and users) goes to the log with the request id.
+    which can name hosts and users) goes to the log with the request id. A
+    pending schema is named with its migrations (no secret in them).
     """
     failures = runtime().readiness(_PROBE_TIMEOUT)
     if failures:
         log.warning("not ready: %s", "; ".join(failures))
-        down = [failure.split(":", 1)[0] for failure in failures]
         return problem(
             503,
             "Not ready",
-            "; ".join(f"{part} unavailable" for part in down),
+            "; ".join(_public(failure) for failure in failures),
             headers={"Retry-After": "2"},
         )
     return jsonify(status="ready", database="ok", listener="ok", auth=auth.mode())
+
+
+def _public(failure: str) -> str:
+    """A failure as a probe may show it: the schema's own words (migration names), else the part."""
+    part, _, cause = failure.partition(":")
+    return f"schema {cause.strip()}" if part == "schema" else f"{part} unavailable"
 
 
 def _auth_mode_metric() -> bytes:
