@@ -1,5 +1,7 @@
 """Test-data route: insert random messages. Absent unless PIXSTREAM_UTIL_ROUTES is true;
-with access control on, only an admin credential may call it (api/auth.py)."""
+with access control on, only an admin credential may call it (api/auth.py). The
+insert is one transaction (201 with every row, or 503 with none) and leaves the
+gevent hub free for the worker's long polls (seeding.insert_random_atomic)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from flask import Blueprint, Response, current_app, jsonify
 
 from pixstream.api.params import parse_count, parse_ispb
 from pixstream.runtime import runtime
-from pixstream.seeding import insert_random
+from pixstream.seeding import insert_random_atomic
 
 bp = Blueprint("util", __name__, url_prefix="/api/util")
 
@@ -16,5 +18,5 @@ bp = Blueprint("util", __name__, url_prefix="/api/util")
 def insert_messages(ispb: str, number: str) -> tuple[Response, int]:
     ispb = parse_ispb(ispb)
     count = parse_count(number, current_app.config["UTIL_MAX_MESSAGES"])
-    inserted = insert_random(runtime().pool, ispb, count)
+    inserted = insert_random_atomic(runtime().pool, ispb, count)  # all or nothing: 503
     return jsonify(inserted=inserted), 201
