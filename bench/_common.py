@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -758,3 +758,38 @@ def ratio(token: float | None, none: float | None, digits: int = 3) -> float | N
     if token is None or not none:
         return None
     return round(token / none, digits)
+
+
+def emit_by_mode(
+    common: dict[str, Any],
+    results: dict[str, dict[str, Any]],
+    load_before: float,
+    *,
+    headline: tuple[str, ...],
+    ratio_keys: tuple[str, ...],
+    within_10pct: Callable[[dict[str, float | None]], bool],
+) -> None:
+    """The JSON line of a run in one auth mode, or of both with token/none ratios.
+
+    ``within_10pct`` judges the ratios against issue #10's bound: token mode at
+    most 10 % worse than none.
+    """
+    if len(results) == 1:
+        (result,) = results.values()
+        emit({**common, **result, "loadavg_1m_before": load_before})
+        return
+    none, token = results["none"], results["token"]
+    ratios = {key: ratio(token[key], none[key]) for key in ratio_keys}
+    emit(
+        {
+            **common,
+            "order": "none, token alternately, each run",
+            **{key: {"none": none[key], "token": token[key]} for key in headline},
+            "token_over_none": ratios,
+            "token_within_10pct": within_10pct(ratios),
+            "met": all(r["met"] for r in results.values()),
+            "loadavg_1m_before": load_before,
+            "none": none,
+            "token": token,
+        }
+    )

@@ -187,29 +187,13 @@ def main() -> None:
         "auth": opts.auth,
     }
     results = {mode: summarize(runs[mode], statuses[mode], errors[mode]) for mode in modes}
-    if len(modes) == 1:
-        c.emit({**common, **results[modes[0]], "loadavg_1m_before": load_before})
-        return
-    none, token = results["none"], results["token"]
-    ratios = {
-        key: c.ratio(token[key], none[key])
-        for key in ("messages_per_s", "gunicorn_cpu_ms_per_request", "db_cpu_ms_per_request")
-    }
-    c.emit(
-        {
-            **common,
-            "order": "none, token alternately, each run",
-            "messages_per_s": {"none": none["messages_per_s"], "token": token["messages_per_s"]},
-            "token_over_none": ratios,
-            # Throughput: token may be at most 10 % slower than none (issue #10).
-            "token_within_10pct": ratios["messages_per_s"] is not None
-            and ratios["messages_per_s"] >= 0.90,
-            "met": all(r["met"] for r in results.values()),
-            "loadavg_1m_before": load_before,
-            "none": none,
-            "token": token,
-        }
-    )
+    c.emit_by_mode(
+        common, results, load_before,
+        headline=("messages_per_s",),
+        ratio_keys=("messages_per_s", "gunicorn_cpu_ms_per_request", "db_cpu_ms_per_request"),
+        # Throughput: token may be at most 10 % slower than none (issue #10).
+        within_10pct=lambda r: r["messages_per_s"] is not None and r["messages_per_s"] >= 0.90,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

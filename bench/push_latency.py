@@ -212,33 +212,16 @@ def main() -> None:
         "auth": opts.auth,
     }
     results = {mode: summarize(runs[mode], errors[mode]) for mode in modes}
-    if len(modes) == 1:
-        c.emit({**common, **results[modes[0]], "loadavg_1m_before": load_before})
-        return
-    none, token = results["none"], results["token"]
-    ratios = {
-        key: c.ratio(token[key], none[key])  # type: ignore[arg-type]
-        for key in ("p50_ms", "p99_ms", "pooled_p50_ms", "pooled_p99_ms", "post_rtt_p50_ms")
-    }
-    c.emit(
-        {
-            **common,
-            "order": "none, token alternately, each run",
-            "p50_ms": {"none": none["p50_ms"], "token": token["p50_ms"]},
-            "p99_ms": {"none": none["p99_ms"], "token": token["p99_ms"]},
-            "token_over_none": ratios,
-            # Latency: token may be at most 10 % slower than none (issue #10).
-            "token_within_10pct": bool(
-                ratios["p50_ms"] is not None and ratios["p99_ms"] is not None
-            )
-            and ratios["p50_ms"] <= 1.10  # type: ignore[operator]
-            and ratios["p99_ms"] <= 1.10,  # type: ignore[operator]
-            "met": all(r["met"] for r in results.values()),
-            "loadavg_1m_before": load_before,
-            "none": none,
-            "token": token,
-        }
-    )
+    c.emit_by_mode(
+        common, results, load_before,
+        headline=("p50_ms", "p99_ms"),
+        ratio_keys=("p50_ms", "p99_ms", "pooled_p50_ms", "pooled_p99_ms", "post_rtt_p50_ms"),
+        # Latency: token may be at most 10 % slower than none (issue #10).
+        within_10pct=lambda r: all(
+            r[key] is not None and r[key] <= 1.10  # type: ignore[operator]
+            for key in ("p50_ms", "p99_ms")
+        ),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Path parameters and content negotiation, validated at the edge.
+"""Content negotiation at the edge: one message or a batch, from ``Accept``.
 
-The value checks live in :mod:`pixstream.validation` (the CLI uses them too);
-an InvalidRequest becomes a 400 problem document.
+The checks of path values (ISPB, counts) live in :mod:`pixstream.validation`,
+shared with the CLI; an InvalidRequest becomes a 400 problem document.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 from werkzeug.datastructures import MIMEAccept
 
 from pixstream.errors import NotAcceptable
-from pixstream.validation import parse_count, parse_ispb
-
-__all__ = ["MULTIPART", "SINGLE", "parse_count", "parse_ispb", "wants_multipart"]
 
 SINGLE = "application/json"
 MULTIPART = "multipart/json"

@@ -6,10 +6,11 @@ from flask import Blueprint, Flask, Response, request
 from werkzeug.routing import BaseConverter
 
 from pixstream import metrics
-from pixstream.api.params import parse_ispb, wants_multipart
+from pixstream.api.params import wants_multipart
 from pixstream.errors import NotAcceptable
 from pixstream.runtime import runtime
 from pixstream.streams import PULL_ID_PATTERN, Delivery
+from pixstream.validation import parse_ispb
 
 bp = Blueprint("streams", __name__, url_prefix="/api/pix/<ispb>/stream")
 

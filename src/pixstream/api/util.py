@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from pixstream.api.params import parse_count, parse_ispb
 from pixstream.runtime import runtime
 from pixstream.seeding import insert_random_atomic
+from pixstream.validation import parse_count, parse_ispb
 
 bp = Blueprint("util", __name__, url_prefix="/api/util")
 
