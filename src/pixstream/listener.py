@@ -6,7 +6,8 @@ no database connection and runs no query meanwhile. A notification only says
 harmless, while a missed one would cost a whole long-poll window. Hence the
 rules below: register before the first claim, clear before each re-claim, and
 re-check whenever notifications may have been missed (on reconnect): at once
-where messages are queued, at the end of the window elsewhere.
+where messages are queued; elsewhere at the end of the window, unless the
+reconnect's scan for queued messages has run.
 
 The same connection also listens on ``pix_credentials`` (a credential was
 created, revoked or changed; the payload is its id) and hands those payloads
@@ -117,6 +118,9 @@ class Listener:
         # Bumped on every (re)connection: a waiter that saw the same generation
         # connected before its claim and after its wait missed no notification.
         self.generation = 0
+        # The generation whose wake-up scan (_wake_queued) completed: it found
+        # every message its notifications may have missed, for every waiter.
+        self._scanned = 0
 
     @property
     def connected(self) -> bool:
@@ -126,6 +130,19 @@ class Listener:
     def listening_generation(self) -> int | None:
         """The current connection's generation, or None while not listening."""
         return self.generation if self._connected.is_set() else None
+
+    def missed_nothing_since(self, mark: int | None) -> bool:
+        """True when a waiter subscribed at ``mark`` (a listening_generation) lost no wake-up.
+
+        Either the connection is the one it subscribed under, or a later one
+        whose wake-up scan has run: that scan started after the waiter
+        subscribed and woke it if its ISPB had queued messages. A waiter for
+        which this is False must claim again before it answers 204.
+        """
+        if not self._connected.is_set():
+            return False
+        generation = self.generation
+        return generation == mark or self._scanned == generation
 
     @property
     def closing(self) -> bool:
@@ -239,6 +256,7 @@ class Listener:
                     # Notifications sent while nobody listened are gone.
                     self._reconnected()
                     self._wake_queued(conn)
+                    self._scanned = self.generation
                     self._listen(conn)
             except (psycopg.Error, DatabaseUnavailable) as exc:
                 if not self._closing.is_set():
@@ -262,9 +280,12 @@ class Listener:
         """Wake the waiters of the ISPBs with queued messages: their notifications may be lost.
 
         Waking every waiter instead would send them all to the pool at once,
-        just as the database is back (a herd of 503s). A waiter left asleep
-        re-checks at the end of its window, as its generation has changed.
-        The query runs after LISTEN: a commit it does not see is notified.
+        just as the database is back (a herd of 503s). The query runs after
+        LISTEN, over every ISPB waited on when it starts: a commit it does not
+        see is notified, so once it has run (missed_nothing_since) the waiters
+        left asleep need no re-check. If it fails, the connection is dropped
+        and the next one scans again; meanwhile waiters re-check at their
+        window's end.
         """
         with self._lock:
             ispbs = list(self._waiters)

@@ -294,15 +294,10 @@ class StreamService:
                 break  # shutting down: answer 204 now, the stream stays valid
             if ticket is not None and ticket.released:
                 break  # a newer request on this id is served; answer as at the window's end
-            if (
-                not woken
-                and listening is not None
-                and (self._listener.listening_generation() == listening)
-            ):
-                # Listened throughout on one connection: no notification
-                # was missed, so the empty claim still stands. (After a
-                # reconnect, the listener woke the ISPBs with queued rows at
-                # once; every other waiter re-checks here, at the window's end.)
+            if not woken and self._listener.missed_nothing_since(listening):
+                # Listened throughout, or the listener reconnected and its scan
+                # woke every ISPB with queued rows: the empty claim still
+                # stands. Otherwise notifications may be lost: re-check once.
                 break
             wakeup.clear()  # before the claim: a later insert must wake us again
             # On a wake-up, claim; at the end of a window in which the
