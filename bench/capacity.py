@@ -35,8 +35,12 @@ TARGET_RSS_MB = 500.0
 class Load:
     """Every collector's answers, aggregated; push arrivals by ISPB."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, impatient: bool = False) -> None:
         self.port = port
+        # Impatient clients retry an error after about a second, whatever
+        # Retry-After says (bench/storm.py); the others honour it.
+        self.impatient = impatient
+        self.last_error_at: float | None = None
         self.stopping = False
         self.hold_started: float | None = None
         self.statuses: dict[str, int] = {}
@@ -92,8 +96,12 @@ class Load:
                     if len(self.errors) < 20 and str(reply.status) not in self.error_kinds:
                         self.errors.append(f"{reply.status} {reply.body[:160]!r}")
                     self.error_kinds.add(str(reply.status))
+                    self.last_error_at = now
                     # 503: the same request is safe to repeat, after Retry-After.
-                    gevent.sleep(float(reply.headers.get("retry-after", 1)))
+                    if self.impatient:
+                        gevent.sleep(random.uniform(0.8, 1.2))
+                    else:
+                        gevent.sleep(float(reply.headers.get("retry-after", 1)))
                     continue
                 path = reply.pull_next or path
         except gevent.GreenletExit:

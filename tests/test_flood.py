@@ -51,8 +51,11 @@ def worker_cpu(server: Any) -> float:
 class Collector:
     """One collector of an ISPB, always waiting in a long poll; times each push."""
 
-    def __init__(self, base: str, db: psycopg.Connection, ispb: str) -> None:
+    def __init__(
+        self, base: str, db: psycopg.Connection, ispb: str, *, repeat_503: bool = False
+    ) -> None:
         self.db, self.ispb = db, ispb
+        self.repeat_503 = repeat_503  # as a client does: the same request again
         self.client = HttpClient(base, timeout=20)
         self.received = threading.Event()
         self.received_at = 0.0
@@ -77,6 +80,9 @@ class Collector:
             if reply.status == 200:
                 self.received_at = time.perf_counter()
                 self.received.set()
+            elif reply.status == 503 and self.repeat_503:
+                self._stop.wait(0.1)
+                continue
             elif reply.status != 204:
                 self.failure = f"{reply.status}: {reply.body[:200]!r}"
                 self.received.set()

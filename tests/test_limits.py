@@ -1,4 +1,4 @@
-"""Unit tests of limits.py: the token bucket, the per-id gate and the waiter cap.
+"""Unit tests of limits.py: the token bucket, the per-id gate, the waiter cap and the shedder.
 
 Time is a fake clock advanced by hand: nothing here sleeps.
 """
@@ -6,14 +6,21 @@ Time is a fake clock advanced by hand: nothing here sleeps.
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import ExitStack
 
 import pytest
 
 from pixstream.limits import (
+    READ,
+    START,
+    WOKEN,
+    Admission,
     Flooded,
     Gate,
     GateBusy,
+    Shed,
+    SlotTimeout,
     TokenBucket,
     WaiterCap,
     retry_after_seconds,
@@ -197,6 +204,106 @@ def test_a_result_is_shared_only_with_requests_admitted_before_it_was_published(
             assert follower.shared() is None
 
 
+def _queue_behind(admission: Admission, priority: int, order: list[int]) -> threading.Thread:
+    """A thread waiting for a slot of ``admission``; it records ``priority`` when served."""
+
+    def wait() -> None:
+        with admission.slot(priority, timeout=10):
+            order.append(priority)
+
+    thread = threading.Thread(target=wait)
+    waiting = admission.waiting
+    thread.start()
+    deadline = time.monotonic() + 5
+    while admission.waiting == waiting:  # polled with a deadline: the thread has queued
+        assert time.monotonic() < deadline, "the waiter never queued"
+        time.sleep(0.001)
+    return thread
+
+
+def test_slots_go_to_woken_long_polls_then_reads_then_starts():
+    admission = Admission(1, shed_after={})
+    order: list[int] = []
+    with admission.slot(START, timeout=1):
+        threads = [_queue_behind(admission, p, order) for p in (START, READ, START, WOKEN, READ)]
+        assert admission.held == 1 and admission.waiting == 5
+    for thread in threads:
+        thread.join(5)
+    assert order == [WOKEN, READ, READ, START, START]
+    assert admission.held == 0 and admission.waiting == 0
+
+
+def test_new_work_is_shed_when_its_expected_wait_is_too_long_starts_first():
+    clock = FakeClock()
+    admission = Admission(1, shed_after={READ: 0.5, START: 0.25}, clock=clock)
+    for _ in range(200):  # a slot is held 0.1 s on average
+        with admission.slot(READ, timeout=1):
+            clock.now += 0.1
+    order: list[int] = []
+    with admission.slot(READ, timeout=1):
+        threads = [_queue_behind(admission, READ, order) for _ in range(2)]
+        assert admission.expected_wait(START) == pytest.approx(0.3, abs=0.01)
+        with pytest.raises(Shed), admission.slot(START, timeout=1):
+            pass
+        threads.append(_queue_behind(admission, READ, order))  # 0.3 s <= 0.5 s
+        threads.append(_queue_behind(admission, READ, order))  # 0.4 s
+        threads.append(_queue_behind(admission, READ, order))  # 0.5 s
+        with pytest.raises(Shed), admission.slot(READ, timeout=1):  # 0.6 s: too long
+            pass
+        threads.append(_queue_behind(admission, WOKEN, order))  # never shed
+    for thread in threads:
+        thread.join(5)
+    assert order == [WOKEN, READ, READ, READ, READ, READ]
+
+
+def test_a_slot_not_handed_over_in_time_times_out_and_leaves_the_queue():
+    admission = Admission(1, shed_after={})
+    with admission.slot(READ, timeout=1):
+        with pytest.raises(SlotTimeout), admission.slot(READ, timeout=0.01):
+            pass
+        assert admission.waiting == 0
+    assert admission.held == 0
+
+
+def test_a_failing_block_still_gives_its_slot_back():
+    admission = Admission(1, shed_after={})
+    with pytest.raises(RuntimeError), admission.slot(READ, timeout=1):
+        raise RuntimeError("the database went away")
+    assert admission.held == 0
+    with admission.slot(START, timeout=0.01):
+        pass
+
+
+def test_retry_after_spreads_the_refused_over_the_time_to_serve_them():
+    clock = FakeClock()
+    worst = Admission(1, shed_after={READ: 0.0}, window=2, clock=clock, rng=lambda lo, hi: hi)
+    for _ in range(200):  # this process completes 100 slots a second
+        with worst.slot(READ, timeout=1):
+            clock.now += 0.01
+    with worst.slot(READ, timeout=1):  # held: any newcomer would wait
+        first = _refusal(worst)
+        assert first <= 2  # one refusal: served at once, come back in a second or so
+        for _ in range(499):
+            _refusal(worst)
+        many = _refusal(worst)
+        # 501 refused in the window, served at ~100/s: spread over ~5 s, jittered from 1 s.
+        assert 5 <= many <= 7, many
+        for _ in range(5000):
+            many = _refusal(worst)
+        assert many == 30  # capped
+        clock.now += 3  # the refusals are out of the window; so is the measured rate
+        assert _refusal(worst) == 2  # 1 refused at the floor rate of 1 a second
+    best = Admission(1, shed_after={READ: 0.0}, clock=clock, rng=lambda lo, hi: lo)
+    with best.slot(READ, timeout=1):
+        assert all(_refusal(best) == 1 for _ in range(100))  # the jitter's low end
+
+
+def _refusal(admission: Admission) -> int:
+    with pytest.raises(Shed) as refused, admission.slot(READ, timeout=1):
+        pass
+    return refused.value.retry_after
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -207,6 +314,8 @@ def test_a_result_is_shared_only_with_requests_admitted_before_it_was_published(
         ("MAX_REQUESTS_PER_ID", 0),
         ("MAX_WAITING", 0),
         ("STREAM_LOCK_TIMEOUT_SECONDS", 0),
+        ("SHED_WAIT_SECONDS", 0),
+        ("SHED_WAIT_SECONDS", 3),  # not below the pool's timeout (3 s)
     ],
 )
 def test_invalid_limits_stop_the_service_naming_the_variable(key, value):

@@ -41,6 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_REQUESTS_PER_ID": 16,  # outstanding requests on one stream id; more: 409
     "MAX_WAITING": 5000,  # long polls waiting at once; more: 503
     "STREAM_LOCK_TIMEOUT_SECONDS": 1,  # longest wait for a stream's row lock; then 503
+    # Expected wait for a pooled connection beyond which new work is refused
+    # at once (503): reads beyond it, starts beyond half of it (limits.Admission).
+    # None: half of POOL_TIMEOUT_SECONDS.
+    "SHED_WAIT_SECONDS": None,
     # Access control (docs/security.md): who may read which ISPB's payments.
     "AUTH": "none",
     "MTLS_HEADER": "X-SSL-Client-Cert",
@@ -82,6 +86,10 @@ def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
             config[key] = os.environ[f"{ENV_PREFIX}_{key}"]
     if test_config is not None:
         config.from_mapping(test_config)
+    if config["SHED_WAIT_SECONDS"] is None and isinstance(
+        config["POOL_TIMEOUT_SECONDS"], int | float
+    ):
+        config["SHED_WAIT_SECONDS"] = config["POOL_TIMEOUT_SECONDS"] / 2
     validate(config)
 
 
@@ -133,6 +141,13 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"{_env_name('POOL_TIMEOUT_SECONDS')} ({config['POOL_TIMEOUT_SECONDS']}) must be "
             f"less than {_env_name('LONG_POLL_SECONDS')} + 2 ({config['LONG_POLL_SECONDS']} + 2)"
+        )
+    _number(config, "SHED_WAIT_SECONDS", minimum=0.01, integer=False)
+    if config["SHED_WAIT_SECONDS"] >= config["POOL_TIMEOUT_SECONDS"]:
+        # Work expected to wait longer than the pool's timeout would fail anyway.
+        raise ConfigError(
+            f"{_env_name('SHED_WAIT_SECONDS')} ({config['SHED_WAIT_SECONDS']}) must be less "
+            f"than {_env_name('POOL_TIMEOUT_SECONDS')} ({config['POOL_TIMEOUT_SECONDS']})"
         )
     if config["LOG_FORMAT"] not in ("text", "json"):
         raise ConfigError(

@@ -13,6 +13,7 @@ threads. Clocks and random numbers are injectable so that tests need no sleeps.
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 import threading
@@ -258,3 +259,142 @@ class WaiterCap:
             load = len(refusals) / max(1, self.limit)
             spread = min(4 * self._window, 1 + self._window * load)
         return max(1, math.ceil(self._rng(1.0, 1.0 + spread)))
+
+
+class Shed(Exception):
+    """New work this process cannot serve in time; come back after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"shed; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
+class SlotTimeout(Exception):
+    """No connection slot came free within the time allowed."""
+
+
+# Priorities of Admission, most urgent first.
+WOKEN, READ, START = 0, 1, 2
+
+
+class Admission:
+    """Lends the pool's connections to requests by priority, and sheds what would wait too long.
+
+    At most ``slots`` requests (the pool's size) hold a slot; the others
+    wait here, in order of priority, then arrival: a long poll woken by a
+    message (``WOKEN``: it delivers, and holds a stream already), then reads
+    and closes (``READ``: they confirm and deliver), then stream starts
+    (``START``: the most work, nothing delivered yet). So a burst of starts
+    queues behind the reads instead of starving them, and the streams
+    already held are the last to suffer.
+
+    A newcomer whose expected wait (the requests ahead of it x the mean time
+    a slot is held / slots) exceeds its priority's bound in ``shed_after`` is
+    refused at once (Shed), rather than left to wait out the pool's timeout
+    and fail anyway while its client retries: that is what turns a
+    reconnect storm into a lasting collapse. Woken long polls are never shed.
+
+    ``Retry-After`` spreads the refused clients over the time this process
+    needs to serve them: the refusals of the last ``window`` seconds divided
+    by the slots it completed in that time, jittered uniformly from 1 s,
+    capped at ``max_retry_after``.
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        shed_after: dict[int, float],
+        *,
+        window: float = 2.0,
+        max_retry_after: int = 30,
+        clock: Clock = time.monotonic,
+        rng: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.slots = slots
+        self.held = 0
+        self._shed_after = shed_after
+        self._window = window
+        self._max_retry_after = max_retry_after
+        self._clock = clock
+        self._rng = rng
+        self._lock = threading.Lock()
+        self._queue: list[tuple[int, int, threading.Event]] = []  # a heap
+        self._queued = [0, 0, 0]  # waiting, by priority
+        self._arrivals = 0
+        self._mean_hold = 0.005  # seconds; an exponential mean, updated on each release
+        self._refusals: deque[float] = deque()
+        self._completions: deque[float] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def expected_wait(self, priority: int) -> float:
+        """Seconds a request of ``priority`` arriving now would wait for a slot."""
+        if self.held < self.slots and not self._queue:
+            return 0.0
+        ahead = sum(self._queued[: priority + 1])
+        return (ahead + 1) * self._mean_hold / self.slots
+
+    def check(self, priority: int) -> None:
+        """Raise Shed if work of ``priority`` arriving now would wait too long.
+
+        Called on arrival, before the request queues anywhere else (e.g.
+        behind the other starts of its ISPB), and again by ``slot``.
+        """
+        bound = self._shed_after.get(priority)
+        if bound is not None and self.expected_wait(priority) > bound:
+            with self._lock:
+                retry_after = self._refused()
+            raise Shed(retry_after)
+
+    @contextmanager
+    def slot(self, priority: int, timeout: float) -> Iterator[None]:
+        """Hold a slot for the block; Shed at once, or SlotTimeout after ``timeout``."""
+        self.check(priority)
+        with self._lock:
+            if self.held < self.slots and not self._queue:
+                self.held += 1
+                turn = None
+            else:
+                self._arrivals += 1
+                turn = threading.Event()
+                heapq.heappush(self._queue, (priority, self._arrivals, turn))
+                self._queued[priority] += 1
+        if turn is not None and not turn.wait(timeout):
+            with self._lock:
+                if not turn.is_set():  # handed a slot meanwhile? then keep it
+                    self._queue.remove(next(e for e in self._queue if e[2] is turn))
+                    heapq.heapify(self._queue)
+                    self._queued[priority] -= 1
+                    raise SlotTimeout(f"no database slot within {timeout:g} s")
+        started = self._clock()
+        try:
+            yield
+        finally:
+            now = self._clock()
+            with self._lock:
+                self._mean_hold += 0.05 * (now - started - self._mean_hold)
+                self._completions.append(now)
+                self._trim(self._completions, now)
+                if self._queue:
+                    queued, _, successor = heapq.heappop(self._queue)
+                    self._queued[queued] -= 1
+                    successor.set()  # the slot passes on
+                else:
+                    self.held -= 1
+
+    def _refused(self) -> int:
+        """Record a refusal (holding the lock); the Retry-After to give."""
+        now = self._clock()
+        self._refusals.append(now)
+        self._trim(self._refusals, now)
+        self._trim(self._completions, now)
+        rate = len(self._completions) / self._window
+        spread = min(self._max_retry_after - 1, len(self._refusals) / max(rate, 1.0))
+        return max(1, min(self._max_retry_after, math.ceil(self._rng(1.0, 1.0 + spread))))
+
+    def _trim(self, stamps: deque[float], now: float) -> None:
+        horizon = now - self._window
+        while stamps and stamps[0] < horizon:
+            stamps.popleft()

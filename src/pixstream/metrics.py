@@ -38,7 +38,8 @@ STREAMS_REFUSED = Counter("pixstream_streams_refused", "Stream starts refused wi
 REQUESTS_REFUSED = Counter(
     "pixstream_requests_refused",
     "Stream requests refused by an abuse limit, by reason: rate (429), flood (409),"
-    " waiters (503, too many long polls waiting), lock_timeout (503, stream locked elsewhere).",
+    " waiters (503, too many long polls waiting), lock_timeout (503, stream locked elsewhere),"
+    " shed_start and shed (503, the queue for a database connection is long: starts first).",
     ["reason"],
 )
 STREAMS_OPEN = Gauge(
@@ -65,6 +66,11 @@ POOL_WAITING = Gauge(
     "pixstream_pool_requests_waiting",
     "Requests waiting for a pooled connection.",
     multiprocess_mode="livesum",
+)
+WAKEUP_CLAIM_FAILURES = Counter(
+    "pixstream_wakeup_claim_failures",
+    "Claims of woken long polls that failed (database busy or unavailable): the read"
+    " answered 204 at its window's end instead of 503, its stream intact.",
 )
 LISTENER_RECONNECTS = Counter("pixstream_listener_reconnects", "LISTEN connections re-made.")
 LISTENER_ERRORS = Counter(

@@ -26,6 +26,7 @@ from psycopg_pool import ConnectionPool
 from pixstream import db, metrics, store
 from pixstream.errors import (
     Conflict,
+    DatabaseUnavailable,
     Overloaded,
     RateLimited,
     StreamGone,
@@ -33,9 +34,15 @@ from pixstream.errors import (
     TooManyStreams,
 )
 from pixstream.limits import (
+    READ,
+    START,
+    WOKEN,
+    Admission,
     Flooded,
     Gate,
     GateBusy,
+    Shed,
+    SlotTimeout,
     Ticket,
     TokenBucket,
     WaiterCap,
@@ -94,6 +101,10 @@ class Settings:
     rate_burst: int = 1000
     max_requests_per_id: int = 16
     max_waiting: int = 5000
+    # Load shedding (limits.Admission): the pool's size, and the expected wait
+    # for a connection beyond which a start is refused (reads: see __init__).
+    pool_size: int = 10
+    shed_wait_seconds: float = 1.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -106,6 +117,8 @@ class Settings:
             rate_burst=config["RATE_BURST"],
             max_requests_per_id=config["MAX_REQUESTS_PER_ID"],
             max_waiting=config["MAX_WAITING"],
+            pool_size=config["POOL_SIZE"],
+            shed_wait_seconds=config["SHED_WAIT_SECONDS"],
         )
 
 
@@ -116,7 +129,9 @@ class StreamService:
     rate (429), then, for an id, its gate: at most ``max_requests_per_id``
     outstanding (409) and one at a time inside a transaction, the others
     waiting without a connection; a long poll waits only while the process
-    holds fewer than ``max_waiting`` (503).
+    holds fewer than ``max_waiting`` (503). Connections are lent by priority
+    (woken long polls, reads, starts) and new work that would wait too long
+    for one is refused at once (503), starts first (limits.Admission).
     """
 
     def __init__(self, pool: ConnectionPool, listener: Listener, settings: Settings) -> None:
@@ -129,11 +144,19 @@ class StreamService:
         # here instead, so that they hold one connection, not one each.
         self._starts = Gate(None)
         self._waiters = WaiterCap(settings.max_waiting, window=settings.long_poll_seconds)
+        # Starts are refused beyond the configured wait; reads and closes,
+        # which deliver and confirm, only once they would nearly time out.
+        shed_wait = settings.shed_wait_seconds
+        self._admission = Admission(
+            settings.pool_size,
+            shed_after={START: shed_wait, READ: (shed_wait + pool.timeout) / 2},
+        )
 
     def start(self, ispb: str, batch_size: int) -> Delivery:
         """Open a stream and read from it (long poll)."""
         self._limit_rate(ispb)
         self._limit_waiters()
+        self._shed(START)
         with self._starts.admit(ispb) as ticket:
             return self._read(ispb, None, batch_size, ticket)
 
@@ -141,6 +164,7 @@ class StreamService:
         """Confirm the batch delivered with ``pull_id`` and read the next one (long poll)."""
         self._limit_rate(ispb)
         self._limit_waiters()
+        self._shed(READ)
         with self._admit(pull_id) as ticket:
             return self._read(ispb, pull_id, batch_size, ticket)
 
@@ -154,9 +178,11 @@ class StreamService:
         """
         released = 0
         self._limit_rate(ispb)
+        self._shed(READ)
         with (
             self._admit(pull_id) as ticket,
             _turn(ticket, self._pool.timeout),
+            self._slot(READ, self._pool.timeout),
             db.transaction(self._pool) as conn,
         ):
             ticket.publish(None)  # a read overlapping this DELETE runs its own transaction
@@ -217,6 +243,42 @@ class StreamService:
                 retry_after=self._waiters.refused(),
             )
 
+    def _shed(self, priority: int) -> None:
+        """Refuse new work at once if it would wait too long for a connection (503)."""
+        with self._shedding(priority):
+            self._admission.check(priority)
+
+    @contextmanager
+    def _shedding(self, priority: int) -> Iterator[None]:
+        try:
+            yield
+        except Shed as exc:
+            metrics.REQUESTS_REFUSED.labels("shed_start" if priority == START else "shed").inc()
+            raise Overloaded(
+                "the server is saturated; repeat the request after Retry-After",
+                retry_after=exc.retry_after,
+            ) from exc
+
+    @contextmanager
+    def _slot(self, priority: int, timeout: float) -> Iterator[None]:
+        """Hold one of the pool's connection slots (limits.Admission) for the block.
+
+        Refused at once (503) when the wait would be too long for new work;
+        after ``timeout`` without a slot, as when the pool has no connection.
+        """
+        metrics.POOL_WAITING.inc()
+        waiting = True
+        try:
+            with self._shedding(priority), self._admission.slot(priority, timeout):
+                metrics.POOL_WAITING.dec()
+                waiting = False
+                yield
+        except SlotTimeout as exc:
+            raise DatabaseUnavailable("no database connection could be had in time") from exc
+        finally:
+            if waiting:
+                metrics.POOL_WAITING.dec()
+
     @contextmanager
     def _admit(self, pull_id: str) -> Iterator[Ticket]:
         try:
@@ -253,8 +315,9 @@ class StreamService:
             listening = self._listener.listening_generation()
             with _turn(ticket, self._time_limit(deadline)):
                 delivery = self._shared(ticket if pull_id else None) or self._attempt(
-                    ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window
-                )
+                    ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window,
+                    priority=START if pull_id is None else READ,
+                )  # fmt: skip
                 if delivery.documents and pull_id is not None and ticket is not None:
                     ticket.publish(delivery)
             if delivery.documents or self._listener.closing:
@@ -302,13 +365,25 @@ class StreamService:
             wakeup.clear()  # before the claim: a later insert must wake us again
             # On a wake-up, claim; at the end of a window in which the
             # listener reconnected, re-check once: notifications were lost.
-            with _turn(ticket, self._time_limit(deadline)):
-                delivery = self._shared(ticket) or self._attempt(
-                    ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
-                    answer_in=max(0.0, deadline - time.monotonic()),
-                )  # fmt: skip
-                if delivery.documents and ticket is not None:
-                    ticket.publish(delivery)
+            try:
+                with _turn(ticket, self._time_limit(deadline)):
+                    delivery = self._shared(ticket) or self._attempt(
+                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
+                        answer_in=max(0.0, deadline - time.monotonic()), priority=WOKEN,
+                    )  # fmt: skip
+                    if delivery.documents and ticket is not None:
+                        ticket.publish(delivery)
+            except (DatabaseUnavailable, Overloaded) as exc:
+                # This request already holds a stream (it may have opened it):
+                # a 503 now would lose its Pull-Next, and a retry would add
+                # load. Answer 204 with the id it has, at the window's end; the
+                # message waits for the next read. If the failed transaction
+                # did commit, that id replays the batch it claimed.
+                metrics.WAKEUP_CLAIM_FAILURES.inc()
+                log.warning("claim after a wake-up failed for ISPB %s: %s", ispb, exc)
+                if not woken:
+                    break
+                continue
             if delivery.documents:
                 if woken:
                     metrics.WAKEUP_LATENCY.observe(time.monotonic() - wakeup.woken_at)
@@ -329,29 +404,62 @@ class StreamService:
         time_limit: float,
         *,
         answer_in: float,
+        priority: int,
     ) -> Delivery:
         """One transaction: open or lock the stream, confirm, claim, advance."""
         started = time.perf_counter()
+        opened: Delivery | None = None  # a start's answer, once its transaction's body ran
         # Refusals are raised after the commit, so that the lazy expiry they
         # may have done (and its redeliveries) is kept.
-        with db.transaction(self._pool, timeout=time_limit) as conn:
-            if pull_id is None:
-                delivery = self._open(conn, ispb, batch_size, answer_in)
-                if delivery is None:
-                    metrics.STREAMS_REFUSED.inc()
-                    refusal: Exception = TooManyStreams(
-                        f"ISPB {ispb} already has {self.settings.max_streams} open streams; "
-                        "close one (DELETE) or retry after an idle one expires",
-                        retry_after=max(1, round(self.settings.long_poll_seconds)),
-                    )
-            else:
-                delivery = self._continue(conn, ispb, pull_id, batch_size, answer_in)
-                if delivery is None:
-                    refusal = StreamGone(f"stream id {pull_id} was superseded, closed or expired")
+        try:
+            with (
+                self._slot(priority, time_limit),
+                db.transaction(
+                    self._pool, timeout=max(0.1, time_limit - (time.perf_counter() - started))
+                ) as conn,
+            ):
+                if pull_id is None:
+                    delivery = opened = self._open(conn, ispb, batch_size, answer_in)
+                    if delivery is None:
+                        metrics.STREAMS_REFUSED.inc()
+                        refusal: Exception = TooManyStreams(
+                            f"ISPB {ispb} already has {self.settings.max_streams} open "
+                            "streams; close one (DELETE) or retry after an idle one expires",
+                            retry_after=max(1, round(self.settings.long_poll_seconds)),
+                        )
+                else:
+                    delivery = self._continue(conn, ispb, pull_id, batch_size, answer_in)
+                    if delivery is None:
+                        refusal = StreamGone(
+                            f"stream id {pull_id} was superseded, closed or expired"
+                        )
+        except DatabaseUnavailable:
+            # The deadline or the connection failed during the COMMIT: it may have
+            # landed. A start that answered 503 then would orphan its stream (a
+            # repeated read needs no such care: its id replays what was committed).
+            if opened is None or not self._landed(opened):
+                raise
+            log.warning("a start's commit outlived its deadline but landed; answering it")
+            delivery = opened
         metrics.CLAIM_DURATION.observe(time.perf_counter() - started)
         if delivery is None:
             raise refusal
         return delivery
+
+    def _landed(self, delivery: Delivery) -> bool:
+        """Whether the stream a start's unanswered COMMIT was creating exists after all.
+
+        Locking it waits for that COMMIT, if the server is still running it
+        (bounded by the lock timeout); a check that fails counts as not landed.
+        """
+        try:
+            with self._slot(WOKEN, self._pool.timeout), db.transaction(self._pool) as conn:
+                stream = store.lock_stream(
+                    conn, delivery.pull_next, idle_seconds=self.settings.idle_seconds
+                )
+        except (DatabaseUnavailable, Overloaded):
+            return False
+        return stream is not None
 
     def _open(
         self, conn: psycopg.Connection, ispb: str, batch_size: int, answer_in: float
