@@ -54,6 +54,7 @@ class Load:
         self.connected = 0
         self.push_failures: list[str] = []
         self.error_kinds: set[str] = set()
+        self.problems: dict[str, int] = {}  # error answers by status and detail
 
     def _count(self, key: str, sent: float) -> None:
         self.statuses[key] = self.statuses.get(key, 0) + 1
@@ -96,6 +97,11 @@ class Load:
                     if len(self.errors) < 20 and str(reply.status) not in self.error_kinds:
                         self.errors.append(f"{reply.status} {reply.body[:160]!r}")
                     self.error_kinds.add(str(reply.status))
+                    try:
+                        detail = f"{reply.status} {reply.json().get('detail', '')}"[:90]
+                    except ValueError:
+                        detail = f"{reply.status} (no problem document)"
+                    self.problems[detail] = self.problems.get(detail, 0) + 1
                     self.last_error_at = now
                     # 503: the same request is safe to repeat, after Retry-After.
                     if self.impatient:

@@ -177,6 +177,7 @@ def run(server: c.Gunicorn, postmaster: int | None, db: c.Database, opts) -> dic
         "storm_answers": storm_answers,
         "answers_503": load.statuses.get("503", 0),
         "answers_429": load.statuses.get("429", 0),
+        "problems": load.problems,
         "server_refusals": counters,
         "orphan_streams": max(0, streams_open - polls),
         "streams_open": streams_open,

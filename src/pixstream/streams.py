@@ -149,7 +149,7 @@ class StreamService:
         shed_wait = settings.shed_wait_seconds
         self._admission = Admission(
             settings.pool_size,
-            shed_after={START: shed_wait, READ: (shed_wait + pool.timeout) / 2},
+            shed_after={START: shed_wait},
         )
 
     def start(self, ispb: str, batch_size: int) -> Delivery:
@@ -313,9 +313,10 @@ class StreamService:
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
             listening = self._listener.listening_generation()
-            with _turn(ticket, self._time_limit(deadline)):
+            with _turn(ticket, self._turn_limit(deadline, starting=pull_id is None)):
                 delivery = self._shared(ticket if pull_id else None) or self._attempt(
-                    ispb, pull_id, batch_size, self._time_limit(deadline), answer_in=window,
+                    ispb, pull_id, batch_size, self._time_limit(deadline),
+                    answer_in=max(0.0, deadline - time.monotonic()),
                     priority=START if pull_id is None else READ,
                 )  # fmt: skip
                 if delivery.documents and pull_id is not None and ticket is not None:
@@ -391,6 +392,20 @@ class StreamService:
             if not woken:
                 break
         return delivery
+
+    def _turn_limit(self, deadline: float, *, starting: bool) -> float:
+        """How long a request may wait for its turn (its id's, or its ISPB's for a start).
+
+        A start waits behind the other starts of its ISPB (they take the ISPB's
+        advisory lock one at a time). It holds nothing meanwhile and may
+        answer as late as its window allows: in a reconnect storm, giving up
+        after the pool's timeout only sends its client back to queue again.
+        It keeps a pool timeout's worth of its window for its transaction.
+        """
+        limit = self._time_limit(deadline)
+        if starting:
+            limit = max(limit, deadline - time.monotonic() - self._pool.timeout)
+        return limit
 
     def _time_limit(self, deadline: float) -> float:
         """How long one claim may take: never pushing the answer far past the window."""
