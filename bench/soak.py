@@ -4,9 +4,10 @@ A gunicorn (gevent, short windows) serves a steady producer and, per ISPB, six
 collectors that behave at random: follow Pull-Next, repeat the last request
 (the answer must be identical), abandon the stream, DELETE it early (current
 id) or with the previous id (its batch goes back), hang up mid-answer. A chaos
-loop meanwhile kills a random worker (SIGKILL) or terminates the listener
-backends (pg_terminate_backend). Then production stops, well-behaved
-collectors drain what is left, and the ledger is checked:
+loop meanwhile, in turn, kills a random worker (SIGKILL), terminates the
+listener backends (pg_terminate_backend), or plays a slow database: a session
+holds the row locks of a few random open streams for seconds. Then production
+stops, well-behaved collectors drain what is left, and the ledger is checked:
 
 - lost: inserted but never confirmed, or never received by any collector (must be 0);
 - duplicates outside the contract: a message received again although its
@@ -512,20 +513,24 @@ def listener_backends(conn: psycopg.Connection, tag: str) -> list[int]:
     return [pid for (pid,) in rows]
 
 
+# What the chaos loop does, in turn (from a random one).
+CHAOS_KINDS = ("kill", "listener", "slow_db")
+
+
 def chaos(
     server: c.Gunicorn, url: str, tag: str, every: float, ledger: Ledger, until: float
 ) -> None:
-    """Now and then: SIGKILL a random worker, or terminate every listener backend."""
+    """Now and then: SIGKILL a random worker, terminate every listener backend,
+    or hold a few streams' row locks for seconds."""
     conn = connect(url)
     rng = random.Random(random.random())
-    kill = rng.random() < 0.5  # the two kinds take turns, from a random one
+    turns = itertools.islice(itertools.cycle(CHAOS_KINDS), rng.randrange(len(CHAOS_KINDS)), None)
     try:
-        while True:
+        for kind in turns:
             gevent.sleep(rng.uniform(0.5, 1.5) * every)
             if time.monotonic() >= until:
                 return
-            kill = not kill
-            if kill:
+            if kind == "kill":
                 workers = server.worker_pids()
                 if workers:
                     victim = rng.choice(workers)
@@ -533,15 +538,45 @@ def chaos(
                         os.kill(victim, signal.SIGKILL)
                     ledger.chaos.append((time.time(), "kill"))
                     c.log(f"chaos: killed worker {victim}")
-            else:
+            elif kind == "listener":
                 pids = listener_backends(conn, tag)
                 conn.execute(
                     "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) AS pid", (pids,)
                 )
                 ledger.chaos.append((time.time(), "listener"))
                 c.log(f"chaos: terminated {len(pids)} listener backends")
+            else:
+                hold_stream_locks(conn, rng, ledger)
     finally:
         conn.close()
+
+
+def hold_stream_locks(conn: psycopg.Connection, rng: random.Random, ledger: Ledger) -> None:
+    """A slow database: lock the rows of a few random open streams, hold them, let go.
+
+    As a stuck transaction would (another host's request frozen mid-claim, a
+    long maintenance statement): reads of those streams wait for the lock
+    (STREAM_LOCK_TIMEOUT_SECONDS), answer 503 and are retried; the sweep
+    skips them. Nothing may be lost or delivered twice for it.
+    """
+    hold = rng.uniform(1.0, 3.0)
+    count = rng.randint(2, 5)
+    try:
+        with conn.transaction():
+            conn.execute("SET LOCAL lock_timeout = '2s'")  # the chaos itself never hangs
+            (ids,) = conn.execute(
+                "SELECT coalesce(array_agg(id), '{}') FROM (SELECT id FROM pix_stream"
+                " WHERE closed_at IS NULL ORDER BY random() LIMIT %s) AS s",
+                (count,),
+            ).fetchone() or ([],)
+            locked = conn.execute(
+                "SELECT id FROM pix_stream WHERE id = ANY(%s) FOR UPDATE", (ids,)
+            ).fetchall()
+            ledger.chaos.append((time.time(), "slow_db"))
+            c.log(f"chaos: holding the row locks of {len(locked)} streams for {hold:.1f} s")
+            gevent.sleep(hold)  # the slow transaction
+    except psycopg.Error as exc:  # e.g. the lock_timeout: a chaos move that did not happen
+        c.log(f"chaos: could not lock streams: {exc}")
 
 
 # --------------------------------------------------------------------------- the verdict

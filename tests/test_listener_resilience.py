@@ -5,8 +5,9 @@ ended, the process would silently fall back to one claim per long-poll window.
 These tests run a real Listener against the test database and break it from
 the inside: it must count and log the error, reconnect (a new backend), wake
 the ISPBs with queued messages (only those: no herd), and deliver the next
-wake-up within milliseconds. And its socket carries the TCP settings that
-find a half-open connection within seconds.
+wake-up within milliseconds. Its socket carries the TCP settings that find a
+half-open connection within seconds, and its backend a statement_timeout that
+stops a stuck wake-up scan before the client would give up on it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from prometheus_client import REGISTRY
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from _streamkit import app_name, insert_messages, listener_pids, new_ispb, wait_for
-from pixstream.listener import TCP_SETTINGS, Listener, Wakeup
+from pixstream.listener import _PROBE_DEADLINE, STATEMENT_TIMEOUT, TCP_SETTINGS, Listener, Wakeup
 
 pytestmark = pytest.mark.faults
 
@@ -309,3 +310,53 @@ def test_the_listen_socket_finds_a_half_open_connection_within_seconds(
         assert listener_pids(db, name) == {pid}
     finally:
         listener.stop()
+
+
+def test_a_wake_up_scan_stuck_behind_a_lock_is_stopped_by_the_server(
+    listener: Listener,
+    tagged: tuple[str, str],
+    db: psycopg.Connection,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener's backend carries its own statement_timeout (another
+    backend's settings cannot be read, so its effect is watched instead).
+
+    A session holding pix_message locked makes the reconnect's scan wait: the
+    server cancels it after STATEMENT_TIMEOUT, under the probe deadline (which
+    this process, without gevent, does not even have: nothing else would end
+    it). The listener reconnects, and once the lock goes, its next scan wakes
+    the waiter whose message was inserted unnoticed."""
+    _, name = tagged
+    ispb = new_ispb()
+    caplog.set_level(logging.WARNING, logger="pixstream.listener")
+    with listener.subscribe(ispb) as wakeup:
+        with psycopg.connect(database_url, autocommit=True) as silent:
+            silent.execute("SET session_replication_role = replica")
+            insert_messages(silent, ispb, 1)  # no notification: only a scan finds it
+        (pid,) = wait_for(lambda: listener_pids(db, name), timeout=5, what="the listener")
+        with psycopg.connect(database_url) as locker:
+            locker.execute("LOCK TABLE pix_message IN ACCESS EXCLUSIVE MODE")
+            db.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            (started,) = wait_for(
+                lambda: db.execute(
+                    "SELECT extract(epoch FROM query_start)::float FROM pg_stat_activity"
+                    " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                    (name,),
+                ).fetchone(),
+                timeout=5,
+                what="the scan waiting for the lock",
+            )
+            cancelled = wait_for(
+                lambda: next(
+                    (r for r in caplog.records if "statement timeout" in r.getMessage()), None
+                ),
+                timeout=_PROBE_DEADLINE + 5,
+                what="the scan cancelled by statement_timeout",
+            )
+            stopped_after = cancelled.created - started
+            assert not wakeup.wait(0), "woken although the scan never ran"
+            locker.rollback()
+        assert STATEMENT_TIMEOUT - 0.05 <= stopped_after < _PROBE_DEADLINE, stopped_after
+        assert wakeup.wait(5), "the scan after the lock went did not wake the waiter"
+    assert listener.wait_connected(5)

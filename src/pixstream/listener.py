@@ -57,13 +57,24 @@ TCP_SETTINGS: dict[str, int] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 5000,  # ms
 }
-# The same on the server's side of it: a listener that vanished is dropped
-# within seconds, instead of holding back the server's notification queue.
+# PostgreSQL's own limit on this connection's statements (the probe and the
+# wake-up scan), a little under their client-side deadline, as for the pool's
+# connections (db.server_limits): a deadline only drops the connection, while
+# the backend would go on running the statement; and without gevent (the dev
+# server) there is no deadline at all, so this alone stops a scan stuck behind
+# a lock. LISTEN and the wait for notifications are no long statements, so it
+# never ends a quiet connection. idle_in_transaction_session_timeout does not
+# apply: the connection is in autocommit and never holds a transaction open.
+STATEMENT_TIMEOUT = db.server_limits(_PROBE_DEADLINE).statement  # seconds
+# Set on each new connection: the TCP settings on the server's side of it too
+# (a listener that vanished is dropped within seconds, instead of holding
+# back the server's notification queue), and STATEMENT_TIMEOUT.
 _SERVER_SETTINGS = (
     "SELECT set_config('tcp_keepalives_idle', '2', false),"
     " set_config('tcp_keepalives_interval', '1', false),"
     " set_config('tcp_keepalives_count', '3', false),"
-    " set_config('tcp_user_timeout', '5000', false)"
+    " set_config('tcp_user_timeout', '5000', false),"
+    f" set_config('statement_timeout', '{round(STATEMENT_TIMEOUT * 1000)}', false)"
 )
 # Which of the waiting ISPBs have queued messages: one probe of the queued
 # index (recipient_ispb, id) WHERE pull_id IS NULL per ISPB, however long its queue.
