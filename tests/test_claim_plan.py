@@ -308,6 +308,12 @@ def test_prepared_sweep_reads_only_open_streams(conn: psycopg.Connection) -> Non
     ("name", "params", "table", "index"),
     [
         ("count_open_streams", {"ispb": ISPBS[0]}, "pix_stream", "pix_stream_open_idx"),
+        (
+            "find_keyed_stream",
+            {"ispb": ISPBS[0], "key": "k"},
+            "pix_stream",
+            "pix_stream_idempotency_key_idx",
+        ),
         ("confirm_pull", {"pull": "histpull00000001"}, "pix_pull", "pix_pull_pkey"),
         ("batch_documents", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
         ("release_pull", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),

@@ -146,6 +146,9 @@ def test_schema_has_tables_indexes_trigger(database_url: str) -> None:
     assert "(ispb, last_seen_at)" in indexes["pix_stream_open_idx"]
     assert "WHERE (closed_at IS NULL)" in indexes["pix_stream_open_idx"]
     assert "(stream_id)" in indexes["pix_pull_stream_idx"]
+    keyed = indexes["pix_stream_idempotency_key_idx"]
+    assert "UNIQUE" in keyed and "(ispb, idempotency_key)" in keyed
+    assert "(idempotency_key IS NOT NULL) AND (closed_at IS NULL)" in keyed
     assert "UNIQUE" in indexes["pix_message_end_to_end_id_key"]
 
     assert len(triggers) == 1
@@ -157,6 +160,33 @@ def test_schema_has_tables_indexes_trigger(database_url: str) -> None:
 
     assert {"pix_message_document", "pix_notify_inserted"} <= functions
     assert "pix_message_pull_fk" in constraints
+
+
+def test_one_open_stream_per_key_and_ispb(database_url: str) -> None:
+    """The index behind Idempotency-Key: a key names one open stream of its ISPB, and is
+    free again once that stream is closed; keys are checked for length."""
+    insert = (
+        "INSERT INTO pix_stream (ispb, current_pull, start_pull, idempotency_key)"
+        " VALUES (%s, 'p', 'p', %s) RETURNING id"
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        (first,) = conn.execute(insert, ("11111111", "k")).fetchone()  # type: ignore[misc]
+        conn.execute(insert, ("22222222", "k"))  # another ISPB's key
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert, ("11111111", "k"))
+        conn.execute(
+            "UPDATE pix_stream SET closed_at = now(), close_reason = 'expired' WHERE id = %s",
+            (first,),
+        )
+        conn.execute(insert, ("11111111", "k"))
+        for key in ("", "k" * 256):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute(insert, ("11111111", key))
+        with pytest.raises(psycopg.errors.CheckViolation):  # a keyed stream has its first pull
+            conn.execute(
+                "INSERT INTO pix_stream (ispb, current_pull, idempotency_key)"
+                " VALUES ('11111111', 'p', 'x')"
+            )
 
 
 @pytest.fixture

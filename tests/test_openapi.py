@@ -225,6 +225,24 @@ def test_real_errors_conform(client):
     check(response, STREAM, "get")
 
 
+def test_idempotency_key_answers_conform(client):
+    client.post(f"/api/util/msgs/{ISPB}/2")
+    url, key = f"/api/pix/{ISPB}/stream/start", {"Idempotency-Key": '"conform-1"'}
+    first = client.get(url, headers=key)
+    assert check(first, START, "get")["recebedor"]["ispb"] == ISPB
+    repeat = client.get(url, headers=key)
+    assert (repeat.status_code, repeat.headers["Pull-Next"], repeat.data) == (
+        200, first.headers["Pull-Next"], first.data,
+    )  # fmt: skip
+    assert client.get(first.headers["Pull-Next"]).status_code == 200
+    used = client.get(url, headers=key)
+    assert used.status_code == 409, used.data
+    assert check(used, START, "get")["type"] == "urn:pixstream:problem:idempotency-key-used"
+    invalid = client.get(url, headers={"Idempotency-Key": "k" * 256})
+    assert invalid.status_code == 400, invalid.data
+    check(invalid, START, "get")
+
+
 def test_seventh_stream_conforms(make_app):
     client = make_app(MAX_STREAMS_PER_ISPB=6).test_client()
     client.post(f"/api/util/msgs/{BUSY_ISPB}/6")  # every start answers at once

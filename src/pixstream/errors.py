@@ -95,6 +95,17 @@ class Conflict(PixstreamError):
     title = "Too many requests on this id"
 
 
+class IdempotencyKeyUsed(PixstreamError):
+    """A start's Idempotency-Key names a stream that already went past its first answer.
+
+    Its first answer can no longer be repeated, and opening another stream
+    with the key would leave two open streams behind one key.
+    """
+
+    status = 409
+    title = "Idempotency key already used"
+
+
 class RateLimited(PixstreamError):
     """The ISPB sent requests faster than its rate allows."""
 

@@ -69,11 +69,28 @@ def count_all_open_streams(conn: psycopg.Connection) -> int:
     return int(_run(conn, "count_all_open_streams").fetchone()[0])
 
 
-def insert_stream(conn: psycopg.Connection, ispb: str, pull: str) -> int:
-    """Create a stream whose first pull, ``pull``, carries no batch."""
-    (stream_id,) = _run(conn, "insert_stream", {"ispb": ispb, "pull": pull}).fetchone()
+def insert_stream(
+    conn: psycopg.Connection, ispb: str, pull: str, *, idempotency_key: str | None = None
+) -> int:
+    """Create a stream whose first pull, ``pull``, carries no batch.
+
+    ``idempotency_key``: the start's Idempotency-Key, by which a repeat finds the stream.
+    """
+    params = {"ispb": ispb, "pull": pull, "key": idempotency_key}
+    (stream_id,) = _run(conn, "insert_stream", params).fetchone()
     _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "size": 0, "confirmed": True})
     return int(stream_id)
+
+
+def find_keyed_stream(
+    conn: psycopg.Connection, ispb: str, idempotency_key: str
+) -> tuple[int, str] | None:
+    """(id, first pull) of ``ispb``'s open stream started with ``idempotency_key``, or None.
+
+    Call it holding lock_ispb: no other start of the ISPB opens a stream meanwhile.
+    """
+    row = _run(conn, "find_keyed_stream", {"ispb": ispb, "key": idempotency_key}).fetchone()
+    return None if row is None else (int(row[0]), str(row[1]))
 
 
 def lock_stream(conn: psycopg.Connection, pull: str, *, idle_seconds: float) -> StreamRow | None:

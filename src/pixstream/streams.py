@@ -27,6 +27,7 @@ from pixstream import db, metrics, store
 from pixstream.errors import (
     Conflict,
     DatabaseUnavailable,
+    IdempotencyKeyUsed,
     Overloaded,
     RateLimited,
     StreamGone,
@@ -152,13 +153,77 @@ class StreamService:
             shed_after={START: shed_wait},
         )
 
-    def start(self, ispb: str, batch_size: int) -> Delivery:
-        """Open a stream and read from it (long poll)."""
+    def start(self, ispb: str, batch_size: int, *, idempotency_key: str | None = None) -> Delivery:
+        """Open a stream and read from it (long poll).
+
+        With ``idempotency_key`` a repeat of the start opens no second stream:
+        it gets the first start's answer (see ``_start_keyed``).
+        """
         self._limit_rate(ispb)
         self._limit_waiters()
         self._shed(START)
+        if idempotency_key is not None:
+            return self._start_keyed(ispb, idempotency_key, batch_size)
         with self._starts.admit(ispb) as ticket:
             return self._read(ispb, None, batch_size, ticket)
+
+    def _start_keyed(self, ispb: str, key: str, batch_size: int) -> Delivery:
+        """A start with an Idempotency-Key: a read of the first pull of the key's stream.
+
+        The key's open stream is found, or opened with no batch, in a
+        transaction of its own; then every copy of the start, the first one
+        included, reads the stream's first pull id exactly as a GET of it
+        would. So copies that overlap share one answer (they pass that id's
+        gate, and in other processes its row lock), a later copy replays the
+        answer that delivered a batch, or waits as the first did while nothing
+        was delivered, and none opens a second stream or takes a second slot.
+        Once the stream moved past that id (the client used a later Pull-Next),
+        the first answer is gone and the key cannot be answered again: 409.
+        """
+        first_pull = self._find_or_open_keyed(ispb, key)
+        with self._admit(first_pull) as ticket:
+            try:
+                return self._read(ispb, first_pull, batch_size, ticket)
+            except StreamGone as exc:
+                raise IdempotencyKeyUsed(
+                    f"the stream of ISPB {ispb} opened with this Idempotency-Key already went "
+                    "past its first answer (a later Pull-Next was used) or was just closed; "
+                    "a start with a new key opens another stream"
+                ) from exc
+
+    def _find_or_open_keyed(self, ispb: str, key: str) -> str:
+        """The first pull id of ``ispb``'s open stream started with ``key``; opened if none.
+
+        Queued behind this process's other starts of the ISPB, like a start
+        without a key (one connection for all of them, not one each). The
+        wait and the transaction share one pool timeout: the long poll's
+        window only starts after this.
+        """
+        deadline = time.monotonic() + self._pool.timeout
+        with (
+            self._starts.admit(ispb) as ticket,
+            _turn(ticket, self._pool.timeout),
+            self._slot(START, max(0.1, deadline - time.monotonic())),
+            db.transaction(self._pool, timeout=max(0.1, deadline - time.monotonic())) as conn,
+        ):
+            store.lock_ispb(conn, ispb)
+            self._expire(conn, ispb)
+            # Looked up before counting: a repeat is no new stream, never a 429.
+            found = store.find_keyed_stream(conn, ispb, key)
+            stream = found or self._insert_stream(conn, ispb, key)
+        if stream is None:
+            raise self._too_many_streams(ispb)
+        if found:
+            _event("start_repeated", ispb, found[0])
+        return stream[1]
+
+    def _too_many_streams(self, ispb: str) -> TooManyStreams:
+        metrics.STREAMS_REFUSED.inc()
+        return TooManyStreams(
+            f"ISPB {ispb} already has {self.settings.max_streams} open streams; "
+            "close one (DELETE) or retry after an idle one expires",
+            retry_after=max(1, round(self.settings.long_poll_seconds)),
+        )
 
     def pull(self, ispb: str, pull_id: str, batch_size: int) -> Delivery:
         """Confirm the batch delivered with ``pull_id`` and read the next one (long poll)."""
@@ -436,12 +501,7 @@ class StreamService:
                 if pull_id is None:
                     delivery = opened = self._open(conn, ispb, batch_size, answer_in)
                     if delivery is None:
-                        metrics.STREAMS_REFUSED.inc()
-                        refusal: Exception = TooManyStreams(
-                            f"ISPB {ispb} already has {self.settings.max_streams} open "
-                            "streams; close one (DELETE) or retry after an idle one expires",
-                            retry_after=max(1, round(self.settings.long_poll_seconds)),
-                        )
+                        refusal: Exception = self._too_many_streams(ispb)
                 else:
                     delivery = self._continue(conn, ispb, pull_id, batch_size, answer_in)
                     if delivery is None:
@@ -482,13 +542,23 @@ class StreamService:
         """Open a stream and claim its first batch; None when the ISPB is at its limit."""
         store.lock_ispb(conn, ispb)
         self._expire(conn, ispb)
+        opened = self._insert_stream(conn, ispb, None)
+        if opened is None:
+            return None
+        stream_id, pull_id = opened
+        return self._claim(conn, ispb, stream_id, pull_id, batch_size, answer_in)
+
+    def _insert_stream(
+        self, conn: psycopg.Connection, ispb: str, idempotency_key: str | None
+    ) -> tuple[int, str] | None:
+        """A new stream and its first pull id, holding the ISPB's lock; None at the limit."""
         if store.count_open_streams(conn, ispb) >= self.settings.max_streams:
             return None
         pull_id = new_pull_id()
-        stream_id = store.insert_stream(conn, ispb, pull_id)
+        stream_id = store.insert_stream(conn, ispb, pull_id, idempotency_key=idempotency_key)
         metrics.STREAMS_OPENED.inc()
-        _event("opened", ispb, stream_id)
-        return self._claim(conn, ispb, stream_id, pull_id, batch_size, answer_in)
+        _event("opened", ispb, stream_id, **({"keyed": True} if idempotency_key else {}))
+        return stream_id, pull_id
 
     def _continue(
         self, conn: psycopg.Connection, ispb: str, pull_id: str, batch_size: int, answer_in: float

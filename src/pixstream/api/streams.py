@@ -10,7 +10,7 @@ from pixstream.api.params import wants_multipart
 from pixstream.errors import NotAcceptable
 from pixstream.runtime import runtime
 from pixstream.streams import PULL_ID_PATTERN, Delivery
-from pixstream.validation import parse_ispb
+from pixstream.validation import parse_idempotency_key, parse_ispb
 
 bp = Blueprint("streams", __name__, url_prefix="/api/pix/<ispb>/stream")
 
@@ -66,9 +66,12 @@ def _read_params(ispb: str) -> tuple[str, bool]:
 @bp.get("/start")
 def start(ispb: str) -> Response:
     ispb, multipart = _read_params(ispb)
+    # Read on start only: every other stream request is a repeatable read of its id already.
+    header = request.headers.get("Idempotency-Key")
+    key = None if header is None else parse_idempotency_key(header)
     service = runtime().streams
     batch = service.settings.max_batch if multipart else 1
-    return _respond(ispb, service.start(ispb, batch), multipart)
+    return _respond(ispb, service.start(ispb, batch, idempotency_key=key), multipart)
 
 
 @bp.get("/<pull_id:interation_id>")

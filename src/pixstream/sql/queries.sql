@@ -10,7 +10,20 @@ SELECT pg_advisory_xact_lock(7243, %(ispb)s::integer);
 SELECT count(*) FROM pix_stream WHERE ispb = %(ispb)s AND closed_at IS NULL;
 
 -- name: insert_stream
-INSERT INTO pix_stream (ispb, current_pull) VALUES (%(ispb)s, %(pull)s) RETURNING id;
+-- The first pull is both the current one and the one a repeated start reads.
+INSERT INTO pix_stream (ispb, current_pull, start_pull, idempotency_key)
+VALUES (%(ispb)s, %(pull)s, %(pull)s, %(key)s) RETURNING id;
+
+-- name: find_keyed_stream
+-- The id and first pull of the ISPB's open stream started with this Idempotency-Key,
+-- through the partial unique index pix_stream_idempotency_key_idx. Run under
+-- lock_ispb, which every start of the ISPB takes before it looks a key up or
+-- inserts a stream, so the answer holds until the commit as far as starts
+-- go. No row lock: start_pull never changes, and whether the stream is still
+-- at that pull is decided by the read that follows, which locks the row
+-- (lock_stream_by_pull) before it looks.
+SELECT id, start_pull FROM pix_stream
+WHERE ispb = %(ispb)s AND idempotency_key = %(key)s AND closed_at IS NULL;
 
 -- name: insert_pull
 INSERT INTO pix_pull (id, stream_id, size, confirmed_at)
