@@ -8,9 +8,10 @@ up; a 503 on a continuation repeats the same URL, as the contract allows.
 
 Pass (the hardening issue): within 30 s after the burst every collector holds
 a long poll (the server reports them all waiting), then, during the hold,
-every 204 comes on time and pushed messages arrive with p99 <= 200 ms; no
-stream is orphaned (open streams in the database = collectors). The 503s
-are counted and reported, not limited.
+every 204 comes on time (window + 1 s, as the client sees it) and pushed
+messages arrive with p99 <= 200 ms; no stream is orphaned (open streams in
+the database = collectors). The 503s are counted and reported, not limited;
+so are the answers that came late during the storm itself.
 
     python bench/storm.py [--ispbs 1000] [--burst 7] [--hold 20] [--patient]
 """
@@ -19,6 +20,7 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import shutil  # noqa: E402
 import time  # noqa: E402
 
 import gevent  # noqa: E402
@@ -55,6 +57,21 @@ def refused(port: int) -> dict[str, float]:
     return counts
 
 
+def pool_gauges(port: int) -> dict[str, float]:
+    """The pool's gauges (all workers) and how many reads ran, from /metrics."""
+    conn = c.HttpConn("127.0.0.1", port, timeout=10)
+    try:
+        body = conn.request("GET", "/metrics").body.decode(errors="replace")
+    finally:
+        conn.close()
+    wanted = ("pixstream_pool_", "pixstream_claim_duration_seconds_count", "pixstream_waiting_")
+    return {
+        line.split()[0]: float(line.split()[-1])
+        for line in body.splitlines()
+        if line.startswith(wanted)
+    }
+
+
 def main() -> None:
     args = c.parser(__doc__.split("\n", 1)[0])
     args.add_argument("--ispbs", type=int, default=1000)
@@ -65,6 +82,7 @@ def main() -> None:
     args.add_argument("--patient", action="store_true", help="honour Retry-After")
     args.add_argument("--workers", type=int, default=None, help="default: gunicorn.conf.py's")
     args.add_argument("--time-limit", type=float, default=300)
+    args.add_argument("--keep-log", help="copy gunicorn's log here")
     opts = args.parse_args()
     c.start_watchdog(opts.time_limit, "storm")
     polls = opts.ispbs * opts.per_ispb
@@ -76,12 +94,14 @@ def main() -> None:
         try:
             result = run(server, postmaster, db, opts)
         finally:
+            if opts.keep_log:
+                shutil.copy(server.log.name, opts.keep_log)
             server.stop()
     hold = result["hold"]
     met = (
         result["settle_seconds_after_burst"] is not None
         and result["settle_seconds_after_burst"] <= TARGET_SETTLE_SECONDS
-        and result["late_204"] == 0
+        and hold["late_204"] == 0
         and result["orphan_streams"] == 0
         and hold["push_p99_ms"] is not None
         and hold["push_p99_ms"] <= TARGET_PUSH_P99_MS
@@ -99,7 +119,7 @@ def main() -> None:
             "targets": {
                 "settle_seconds_after_burst": TARGET_SETTLE_SECONDS,
                 "push_p99_ms": TARGET_PUSH_P99_MS,
-                "late_204": 0,
+                "hold_late_204": 0,
                 "orphan_streams": 0,
             },
             "met": met,
@@ -138,6 +158,7 @@ def run(server: c.Gunicorn, postmaster: int | None, db: c.Database, opts) -> dic
             break
         gevent.sleep(0.25)
     storm_cpu = meter.stop()
+    gauges = pool_gauges(port)
     storm_answers = dict(load.statuses)
     c.log(f"storm: {waiting} waiting, settled={settled_at is not None}; holding {opts.hold:.0f} s")
 
@@ -184,11 +205,14 @@ def run(server: c.Gunicorn, postmaster: int | None, db: c.Database, opts) -> dic
         "late_204": len(late),
         "poll_204_max_s": round(max(load.durations_204, default=0), 3),
         "storm_cpu": storm_cpu,
+        "pool_at_settle": gauges,
         "hold": {
             "seconds": opts.hold,
             "waiting_min": waiting_min,
             "answers": load.hold_statuses,
             "errors": hold_errors,
+            "late_204": sum(1 for d in load.hold_durations_204 if d > LONG_POLL + 1),
+            "poll_204_max_s": round(max(load.hold_durations_204, default=0), 3),
             "pushes": len(posted),
             "pushes_undelivered": len(posted) - len(latencies),
             "push_p50_ms": c.ms(c.percentile(latencies, 50)),

@@ -67,6 +67,7 @@ def test_defaults(
     assert config["POOL_SIZE"] == 10
     assert config["POOL_TIMEOUT_SECONDS"] == 3
     assert config["SWEEP_SECONDS"] == 10
+    assert config["SHED_WAIT_SECONDS"] == 5  # what an 8 s window leaves after a 3 s transaction
 
 
 def test_environment_variables_are_read(env_app: Callable[..., Flask]) -> None:
@@ -177,6 +178,17 @@ def test_invalid_test_config_stops_start_up(overrides: dict[str, object], variab
     with pytest.raises(ConfigError) as caught:
         create_app({"DATABASE_URL": UNREACHABLE_URL, **overrides})
     assert variable in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("window", "pool_timeout", "expected"),
+    [(8, 3, 5), (3, 2, 1), (0.5, 2, 0.5), (20, 3, 17)],
+)
+def test_a_starts_shed_wait_defaults_to_what_its_window_leaves(
+    env_app: Callable[..., Flask], window: float, pool_timeout: float, expected: float
+) -> None:
+    config = env_app(LONG_POLL_SECONDS=str(window), POOL_TIMEOUT_SECONDS=str(pool_timeout)).config
+    assert config["SHED_WAIT_SECONDS"] == expected
 
 
 @pytest.mark.parametrize(

@@ -2,10 +2,12 @@
 
 bench/storm.py runs the full-sized one (6,000 collectors in 7 s on the default
 configuration). Here one worker with a pool of 2 meets 600 collectors started
-in the same instant, which retry an error after about a second whatever Retry-After
-says, while messages are inserted. The service must shed the excess cheaply
-(503 at once, never after the pool's timeout), orphan no stream, settle with
-every collector waiting, and deliver every message exactly once.
+in the same instant, which retry an error after about a second whatever
+Retry-After says, while messages are inserted. The service must queue them
+cheaply and by priority (a stream held before the storm keeps its pushes
+fast), orphan no stream, settle with every collector waiting, and deliver
+every message exactly once. The refusal itself (expected wait too long) is
+proven in tests/test_limits.py.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ ISPBS, PER_ISPB = 100, 6
 POOL_TIMEOUT = 1.0
 
 
-def test_a_storm_of_impatient_starts_is_shed_at_once_and_settles_losing_nothing(start_server, db):
+def test_a_storm_of_impatient_starts_settles_at_once_losing_nothing(start_server, db):
     server = start_server(
         workers=1, POOL_SIZE=2, POOL_TIMEOUT_SECONDS=POOL_TIMEOUT,
         LONG_POLL_SECONDS=4, STREAM_IDLE_SECONDS=30,
@@ -95,23 +97,22 @@ def test_a_storm_of_impatient_starts_is_shed_at_once_and_settles_losing_nothing(
         f" closes {result['close_problems']}; an established collector's pushes"
         f" {[round(d * 1000) for d in during]} ms"
     )
-    assert shed > 0, "no storm: the test did not load the server"
     assert set(statuses) <= {200, 204, 503}, statuses  # never 429: no orphaned slot
-    # Refused at once, by the shedder or by the per-ISPB queue of starts (which
-    # run one at a time, like the ISPB's advisory lock). Only the odd request
-    # admitted on an estimate that the storm then overtook waits out the
-    # pool's timeout: when most did, the collapse had begun.
+    # A long poll's first claim may queue for most of its window, so under this
+    # load none should fail: a start refused early only sends an impatient
+    # client back at once. Refusals (503 "saturated") are counted apart; an
+    # answer after waiting out a turn or the pool (before: 120-300 "busy"
+    # here) may happen only for the odd request on a starved CI machine.
     shed_detail = "503 the server is saturated; repeat the request after Retry-After"
-    busy_detail = "503 the stream is busy with other requests; repeat this one after Retry-After"
-    timed_out = "503 database unavailable; retry after Retry-After"
     problems = result["problems"]
-    assert set(problems) <= {shed_detail, busy_detail, timed_out}, problems
-    assert problems.get(timed_out, 0) <= statuses[503] / 10, problems
+    waited_out = sum(n for detail, n in problems.items() if detail != shed_detail)
+    assert waited_out <= len(collectors) / 100, problems
     assert problems.get(shed_detail, 0) + result["close_problems"].get(shed_detail, 0) == shed
     assert settled < 20, "the storm did not settle"
-    # Deliveries of a stream held before the storm do not queue behind its starts
-    # (before the priorities: 350-430 ms in the storm's first seconds).
-    assert sorted(during)[len(during) // 2] <= 0.2, during
+    # Deliveries of a stream held before the storm do not queue behind its starts:
+    # a median of 3-7 ms idle, up to 46 ms beside a test suite (before the
+    # priorities: 108-125 ms idle, 350-430 ms beside a test suite).
+    assert sorted(during)[len(during) // 2] <= 0.075, during
     assert open_streams == len(collectors), "orphaned streams hold slots"
     assert result["closed"] == [200] * len(collectors)
     delivered = Counter(e2e for batch in result["received"] for e2e in batch)

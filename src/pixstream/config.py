@@ -41,9 +41,10 @@ DEFAULTS: dict[str, Any] = {
     "MAX_REQUESTS_PER_ID": 16,  # outstanding requests on one stream id; more: 409
     "MAX_WAITING": 5000,  # long polls waiting at once; more: 503
     "STREAM_LOCK_TIMEOUT_SECONDS": 1,  # longest wait for a stream's row lock; then 503
-    # Expected wait for a pooled connection beyond which new work is refused
-    # at once (503): reads beyond it, starts beyond half of it (limits.Admission).
-    # None: half of POOL_TIMEOUT_SECONDS.
+    # Expected wait for a pooled connection beyond which a stream start is
+    # refused at once (503; limits.Admission). None: the long-poll window
+    # minus the pool timeout (at least half the pool timeout, at most the
+    # window): a start that would not get a connection within its window.
     "SHED_WAIT_SECONDS": None,
     # Access control (docs/security.md): who may read which ISPB's payments.
     "AUTH": "none",
@@ -86,10 +87,10 @@ def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
             config[key] = os.environ[f"{ENV_PREFIX}_{key}"]
     if test_config is not None:
         config.from_mapping(test_config)
-    if config["SHED_WAIT_SECONDS"] is None and isinstance(
-        config["POOL_TIMEOUT_SECONDS"], int | float
-    ):
-        config["SHED_WAIT_SECONDS"] = config["POOL_TIMEOUT_SECONDS"] / 2
+    if config["SHED_WAIT_SECONDS"] is None:
+        window, pool = config["LONG_POLL_SECONDS"], config["POOL_TIMEOUT_SECONDS"]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in (window, pool)):
+            config["SHED_WAIT_SECONDS"] = min(window, max(pool / 2, window - pool))
     validate(config)
 
 
@@ -143,11 +144,11 @@ def validate(config: Config) -> None:
             f"less than {_env_name('LONG_POLL_SECONDS')} + 2 ({config['LONG_POLL_SECONDS']} + 2)"
         )
     _number(config, "SHED_WAIT_SECONDS", minimum=0.01, integer=False)
-    if config["SHED_WAIT_SECONDS"] >= config["POOL_TIMEOUT_SECONDS"]:
-        # Work expected to wait longer than the pool's timeout would fail anyway.
+    if config["SHED_WAIT_SECONDS"] > config["LONG_POLL_SECONDS"]:
+        # A start queued longer than its window could not answer in time anyway.
         raise ConfigError(
-            f"{_env_name('SHED_WAIT_SECONDS')} ({config['SHED_WAIT_SECONDS']}) must be less "
-            f"than {_env_name('POOL_TIMEOUT_SECONDS')} ({config['POOL_TIMEOUT_SECONDS']})"
+            f"{_env_name('SHED_WAIT_SECONDS')} ({config['SHED_WAIT_SECONDS']}) must not be "
+            f"more than {_env_name('LONG_POLL_SECONDS')} ({config['LONG_POLL_SECONDS']})"
         )
     if config["LOG_FORMAT"] not in ("text", "json"):
         raise ConfigError(

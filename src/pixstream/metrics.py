@@ -39,7 +39,7 @@ REQUESTS_REFUSED = Counter(
     "pixstream_requests_refused",
     "Stream requests refused by an abuse limit, by reason: rate (429), flood (409),"
     " waiters (503, too many long polls waiting), lock_timeout (503, stream locked elsewhere),"
-    " shed_start and shed (503, the queue for a database connection is long: starts first).",
+    " shed_start (503, a start that would not get a database connection within its window).",
     ["reason"],
 )
 STREAMS_OPEN = Gauge(

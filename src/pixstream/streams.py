@@ -131,8 +131,8 @@ class StreamService:
     outstanding (409) and one at a time inside a transaction, the others
     waiting without a connection; a long poll waits only while the process
     holds fewer than ``max_waiting`` (503). Connections are lent by priority
-    (woken long polls, reads, starts) and new work that would wait too long
-    for one is refused at once (503), starts first (limits.Admission).
+    (woken long polls, reads, starts), and a start that would wait too long
+    for one is refused at once (503; limits.Admission).
     """
 
     def __init__(self, pool: ConnectionPool, listener: Listener, settings: Settings) -> None:
@@ -146,7 +146,7 @@ class StreamService:
         self._starts = Gate(None)
         self._waiters = WaiterCap(settings.max_waiting, window=settings.long_poll_seconds)
         # Starts are refused beyond the configured wait; reads and closes,
-        # which deliver and confirm, only once they would nearly time out.
+        # which deliver and confirm, are never refused: they queue ahead.
         shed_wait = settings.shed_wait_seconds
         self._admission = Admission(
             settings.pool_size,
@@ -229,7 +229,6 @@ class StreamService:
         """Confirm the batch delivered with ``pull_id`` and read the next one (long poll)."""
         self._limit_rate(ispb)
         self._limit_waiters()
-        self._shed(READ)
         with self._admit(pull_id) as ticket:
             return self._read(ispb, pull_id, batch_size, ticket)
 
@@ -243,7 +242,6 @@ class StreamService:
         """
         released = 0
         self._limit_rate(ispb)
-        self._shed(READ)
         with (
             self._admit(pull_id) as ticket,
             _turn(ticket, self._pool.timeout),
@@ -309,7 +307,7 @@ class StreamService:
             )
 
     def _shed(self, priority: int) -> None:
-        """Refuse new work at once if it would wait too long for a connection (503)."""
+        """Refuse work at once if its priority has a bound it would exceed waiting (503)."""
         with self._shedding(priority):
             self._admission.check(priority)
 
@@ -378,9 +376,9 @@ class StreamService:
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
             listening = self._listener.listening_generation()
-            with _turn(ticket, self._turn_limit(deadline, starting=pull_id is None)):
+            with _turn(ticket, self._queue_limit(deadline, first=True)):
                 delivery = self._shared(ticket if pull_id else None) or self._attempt(
-                    ispb, pull_id, batch_size, self._time_limit(deadline),
+                    ispb, pull_id, batch_size, deadline,
                     answer_in=max(0.0, deadline - time.monotonic()),
                     priority=START if pull_id is None else READ,
                 )  # fmt: skip
@@ -434,7 +432,7 @@ class StreamService:
             try:
                 with _turn(ticket, self._time_limit(deadline)):
                     delivery = self._shared(ticket) or self._attempt(
-                        ispb, delivery.pull_next, batch_size, self._time_limit(deadline),
+                        ispb, delivery.pull_next, batch_size, deadline,
                         answer_in=max(0.0, deadline - time.monotonic()), priority=WOKEN,
                     )  # fmt: skip
                     if delivery.documents and ticket is not None:
@@ -458,17 +456,18 @@ class StreamService:
                 break
         return delivery
 
-    def _turn_limit(self, deadline: float, *, starting: bool) -> float:
-        """How long a request may wait for its turn (its id's, or its ISPB's for a start).
+    def _queue_limit(self, deadline: float, *, first: bool) -> float:
+        """How long a long poll may queue (for its id's or ISPB's turn, for a slot).
 
-        A start waits behind the other starts of its ISPB (they take the ISPB's
-        advisory lock one at a time). It holds nothing meanwhile and may
-        answer as late as its window allows: in a reconnect storm, giving up
-        after the pool's timeout only sends its client back to queue again.
-        It keeps a pool timeout's worth of its window for its transaction.
+        Half its transaction's time limit; but for its first claim, a long
+        poll that holds nothing may queue for as long as its window leaves a
+        transaction's worth of time: it may answer that late anyway. In a
+        reconnect storm a request refused early only sends its client back
+        at once (impatient clients ignore Retry-After), and every refusal
+        costs the CPU that the admitted work needs.
         """
-        limit = self._time_limit(deadline)
-        if starting:
+        limit = self._time_limit(deadline) / 2
+        if first:
             limit = max(limit, deadline - time.monotonic() - self._pool.timeout)
         return limit
 
@@ -481,22 +480,27 @@ class StreamService:
         ispb: str,
         pull_id: str | None,
         batch_size: int,
-        time_limit: float,
+        deadline: float,
         *,
         answer_in: float,
         priority: int,
     ) -> Delivery:
-        """One transaction: open or lock the stream, confirm, claim, advance."""
+        """One transaction: open or lock the stream, confirm, claim, advance.
+
+        ``deadline`` is the end of the request's window: the transaction ends
+        by then plus the grace (``_time_limit``).
+        """
         started = time.perf_counter()
         opened: Delivery | None = None  # a start's answer, once its transaction's body ran
         # Refusals are raised after the commit, so that the lazy expiry they
         # may have done (and its redeliveries) is kept.
         try:
+            # The transaction's time limit counts from when it has a slot: one
+            # begun with only a sliver left would hit its deadline under load,
+            # and each such failure discards a connection the pool must make again.
             with (
-                self._slot(priority, time_limit),
-                db.transaction(
-                    self._pool, timeout=max(0.1, time_limit - (time.perf_counter() - started))
-                ) as conn,
+                self._slot(priority, self._queue_limit(deadline, first=priority != WOKEN)),
+                db.transaction(self._pool, timeout=self._time_limit(deadline)) as conn,
             ):
                 if pull_id is None:
                     delivery = opened = self._open(conn, ispb, batch_size, answer_in)
