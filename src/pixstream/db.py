@@ -148,11 +148,7 @@ def make_pool(
 
     return ConnectionPool(
         conninfo,
-        # A fixed size: a pool that grows on demand grows one connection at a
-        # time, in the background, exactly when the process is busiest (in the
-        # reconnect-storm bench it held 5 of 50 connections while 900 requests
-        # waited). The connections are budgeted anyway (docs/operations.md).
-        min_size=max_size,
+        min_size=min(2, max_size),
         max_size=max_size,
         timeout=timeout,
         open=False,
