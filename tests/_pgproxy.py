@@ -2,9 +2,10 @@
 
 The fault it injects: a COMMIT that lands on the server while its client
 does not hear of it in time (an overloaded client process, a slow network).
-The server's CommandComplete for COMMIT is the bytes ``C``, a length and
-``COMMIT\\0``; after ``delay_next_commit(s)``, the next chunk holding them
-(on any connection) is forwarded ``s`` seconds late.
+After ``delay_commit_after(marker, s)``, on the first connection whose client
+sends ``marker`` (e.g. a statement's text), the server's next answer holding
+CommandComplete for COMMIT (``C``, a length, ``COMMIT\\0``) is forwarded
+``s`` seconds late. Other connections' commits pass untouched.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class CommitDelayProxy:
             database_url, host="127.0.0.1", port=self._listener.getsockname()[1]
         )
         self._delay = 0.0
+        self._marker = b""
+        self._armed: socket.socket | None = None  # the server side of the marked connection
         self._lock = threading.Lock()
         self.delayed = 0  # COMMIT answers held back so far
         self._sockets: list[socket.socket] = []
@@ -50,18 +53,22 @@ class CommitDelayProxy:
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
-    def delay_next_commit(self, seconds: float) -> None:
-        self._delay = seconds
+    def delay_commit_after(self, marker: bytes, seconds: float) -> None:
+        with self._lock:
+            self._marker, self._delay, self._armed = marker, seconds, None
 
     def _pump(self, source: socket.socket, sink: socket.socket, answers: bool) -> None:
         with suppress(OSError):
             while data := source.recv(65536):
-                if answers and self._delay and b"C\x00\x00\x00\x0bCOMMIT\x00" in data:
+                if not answers:
                     with self._lock:
-                        delay, self._delay = self._delay, 0.0
-                    if delay:
-                        self.delayed += 1
-                        time.sleep(delay)  # the fault itself, not a synchronisation
+                        if self._marker and self._armed is None and self._marker in data:
+                            self._armed = sink  # this client's server socket
+                elif self._armed is source and b"C\x00\x00\x00\x0bCOMMIT\x00" in data:
+                    with self._lock:
+                        delay, self._delay, self._armed, self._marker = self._delay, 0.0, None, b""
+                    self.delayed += 1
+                    time.sleep(delay)  # the fault itself, not a synchronisation
                 sink.sendall(data)
         for sock in (source, sink):
             with suppress(OSError):

@@ -184,13 +184,8 @@ def test_a_start_whose_commit_is_heard_too_late_answers_with_its_stream(database
         path = f"/api/pix/{ispb}/stream/start"
         # In token mode: the server has checked the token before (an unknown id: 404).
         assert server.http.get(f"/api/pix/{ispb}/stream/{'a' * 25}").status == 404
-        # The pool has made the connections it keeps open (each commits once,
-        # configured); one at a time, the requests below need no more.
-        wait_for(lambda: db.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-            (server.app_name,),
-        ).fetchone()[0] >= 2 + 1, timeout=10, what="the pool and the listener")  # fmt: skip
-        proxy.delay_next_commit(2.0)
+        # The COMMIT of the transaction that inserts the stream, and only it.
+        proxy.delay_commit_after(b"INSERT INTO pix_stream", 2.0)
         reply = server.http.get(path, MULTIPART)
         assert proxy.delayed == 1
         streams = db.execute("SELECT count(*) FROM pix_stream WHERE ispb = %s", (ispb,))

@@ -290,9 +290,8 @@ class Admission:
 
     A newcomer whose expected wait (the requests ahead of it x the mean time
     a slot is held / slots) exceeds its priority's bound in ``shed_after`` is
-    refused at once (Shed), rather than left to wait out the pool's timeout
-    and fail anyway while its client retries: that is what turns a
-    reconnect storm into a lasting collapse. Woken long polls are never shed.
+    refused at once (Shed): it could not be served in time anyway. Priorities
+    without a bound (the service gives one to starts only) just queue.
 
     ``Retry-After`` spreads the refused clients over the time this process
     needs to serve them: the refusals of the last ``window`` seconds divided
