@@ -40,15 +40,19 @@ def open_streams(db: c.Database) -> int:
     return int(row[0]) if row else 0
 
 
-def refused(port: int) -> dict[str, float]:
-    """The server's refusal counters (all workers), by reason."""
+def metric_lines(port: int) -> list[str]:
+    """The server's /metrics (all workers), a line each."""
     conn = c.HttpConn("127.0.0.1", port, timeout=10)
     try:
-        body = conn.request("GET", "/metrics").body.decode(errors="replace")
+        return conn.request("GET", "/metrics").body.decode(errors="replace").splitlines()
     finally:
         conn.close()
+
+
+def refused(port: int) -> dict[str, float]:
+    """The server's refusal counters (all workers), by reason."""
     counts = {}
-    for line in body.splitlines():
+    for line in metric_lines(port):
         if line.startswith("pixstream_requests_refused_total{"):
             reason = line.split('reason="', 1)[1].split('"', 1)[0]
             counts[reason] = float(line.split()[-1])
@@ -59,15 +63,10 @@ def refused(port: int) -> dict[str, float]:
 
 def pool_gauges(port: int) -> dict[str, float]:
     """The pool's gauges (all workers) and how many reads ran, from /metrics."""
-    conn = c.HttpConn("127.0.0.1", port, timeout=10)
-    try:
-        body = conn.request("GET", "/metrics").body.decode(errors="replace")
-    finally:
-        conn.close()
     wanted = ("pixstream_pool_", "pixstream_claim_duration_seconds_count", "pixstream_waiting_")
     return {
         line.split()[0]: float(line.split()[-1])
-        for line in body.splitlines()
+        for line in metric_lines(port)
         if line.startswith(wanted)
     }
 
