@@ -84,6 +84,12 @@ SERVER_SETTINGS: dict[str, Any] = {
     "STREAM_IDLE_SECONDS": IDLE,
     "SWEEP_SECONDS": 0.2,
     "POOL_TIMEOUT_SECONDS": 1,
+    # Every poll claims. The model's clock (let_expire moves last_seen_at back)
+    # is invisible to a server that lets idle polls skip their claim: such a
+    # poll trusts that an idle window cannot pass unnoticed, and writes its
+    # last-seen time a few seconds later. tests/test_quiet_polls.py checks
+    # that path across two instances, in real time.
+    "IDLE_CLAIM_EVERY": 1,
 }
 EXPIRY_DEADLINE = 10.0  # how long a stream past its window may take to be swept
 MAX_FILLS = 1  # "open streams up to the limit" steps per example (each ~6 long polls)

@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "POOL_SIZE": 10,
     "POOL_TIMEOUT_SECONDS": 3,
     "SWEEP_SECONDS": 10,
+    # An idle stream's long polls claim in the database once in this many; the
+    # others trust the listener's silence (quiet.py). 1: every poll claims.
+    "IDLE_CLAIM_EVERY": 5,
     "LOG_FORMAT": "text",
     "LOG_LEVEL": "INFO",
     # Abuse limits, per process (docs/security.md, "Rate and flood limits").
@@ -121,6 +124,7 @@ def validate(config: Config) -> None:
     _number(config, "POOL_SIZE", minimum=1, integer=True)
     _number(config, "POOL_TIMEOUT_SECONDS", minimum=0.1, integer=False)
     _number(config, "SWEEP_SECONDS", minimum=0.1, integer=False)
+    _number(config, "IDLE_CLAIM_EVERY", minimum=1, integer=True)
     _number(config, "RATE_PER_ISPB", minimum=0.001, integer=False)
     _number(config, "RATE_BURST", minimum=1, integer=True)
     _number(config, "MAX_REQUESTS_PER_ID", minimum=1, integer=True)

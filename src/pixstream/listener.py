@@ -10,8 +10,9 @@ where messages are queued; elsewhere at the end of the window, unless the
 reconnect's scan for queued messages has run.
 
 The same connection also listens on ``pix_credentials`` (a credential was
-created, revoked or changed; the payload is its id) and hands those payloads
-to the callbacks registered with ``on_notify``; ``on_reconnect`` callbacks run
+created, revoked or changed; the payload is its id) and ``pix_stream_closed``
+(a stream was closed or expired; the payload is its id), and hands those
+payloads to the callbacks registered with ``on_notify``; ``on_reconnect`` callbacks run
 on every new connection, since notifications sent meanwhile were lost.
 
 The thread must outlive anything short of its own killing (a BaseException):
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "pix_inserted"
 CREDENTIALS_CHANNEL = "pix_credentials"
+STREAMS_CHANNEL = "pix_stream_closed"  # payload: the id of a stream just closed or expired
 _PROBE_DEADLINE = 5.0  # seconds for the liveness probe to answer
 
 # TCP settings of the LISTEN connection, in libpq's names (db.py's pool uses
@@ -86,6 +88,11 @@ _QUEUED_ISPBS = """
 """
 
 
+# What a waiter knows of its ISPB's notifications: the listener's connection
+# generation and how many notifications for the ISPB it has handed out.
+Mark = tuple[int, int]
+
+
 class Wakeup:
     """What a waiting read sleeps on; remembers when it was last woken."""
 
@@ -124,7 +131,10 @@ class Listener:
         self._connected = threading.Event()
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-        self._callbacks: dict[str, list[Callable[[str], None]]] = {CREDENTIALS_CHANNEL: []}
+        self._callbacks: dict[str, list[Callable[[str], None]]] = {
+            CREDENTIALS_CHANNEL: [],
+            STREAMS_CHANNEL: [],
+        }
         self._reconnect_hooks: list[Callable[[], None]] = []
         # Bumped on every (re)connection: a waiter that saw the same generation
         # connected before its claim and after its wait missed no notification.
@@ -132,6 +142,9 @@ class Listener:
         # The generation whose wake-up scan (_wake_queued) completed: it found
         # every message its notifications may have missed, for every waiter.
         self._scanned = 0
+        # Notifications handed out per ISPB (quiet.py): a mark that is unchanged
+        # means nothing was inserted, given back, closed or expired since.
+        self._notified: defaultdict[str, int] = defaultdict(int)
 
     @property
     def connected(self) -> bool:
@@ -141,6 +154,17 @@ class Listener:
     def listening_generation(self) -> int | None:
         """The current connection's generation, or None while not listening."""
         return self.generation if self._connected.is_set() else None
+
+    def mark(self, ispb: str) -> Mark | None:
+        """Where ``ispb``'s notifications stand now; None while not listening.
+
+        Two equal marks mean that the connection stayed up and no wake-up for
+        the ISPB was handed out in between (a reconnect's scan counts as one).
+        """
+        if not self._connected.is_set():
+            return None
+        with self._lock:
+            return (self.generation, self._notified.get(ispb, 0))
 
     def missed_nothing_since(self, mark: int | None) -> bool:
         """True when a waiter subscribed at ``mark`` (a listening_generation) lost no wake-up.
@@ -196,7 +220,8 @@ class Listener:
         """Call ``callback(payload)`` on the listener's thread for each notification on ``channel``.
 
         The channels are fixed (LISTEN runs once per connection, on the
-        listener's own thread); only ``pix_credentials`` takes callbacks.
+        listener's own thread); ``pix_credentials`` and ``pix_stream_closed``
+        take callbacks.
         A callback must be quick and must not block: it delays every wake-up.
         """
         if channel not in self._callbacks:
@@ -229,6 +254,7 @@ class Listener:
 
     def _wake(self, ispb: str) -> None:
         with self._lock:
+            self._notified[ispb] += 1
             events = list(self._waiters.get(ispb, ()))
         for event in events:
             event.set()
@@ -255,6 +281,7 @@ class Listener:
                     # pix_inserted last: pg_stat_activity shows a backend's last
                     # statement, and operators (and the tests) find the listener by it.
                     conn.execute(f"LISTEN {CREDENTIALS_CHANNEL}")
+                    conn.execute(f"LISTEN {STREAMS_CHANNEL}")
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.generation += 1
                     self._connected.set()

@@ -59,6 +59,15 @@ CLAIM_DURATION = Histogram(
     "One read transaction: lock, confirm, claim, advance.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
 )
+IDLE_CLAIMS_SKIPPED = Counter(
+    "pixstream_idle_claims_skipped",
+    "Long polls on an idle stream that waited without a database transaction:"
+    " the listener heard nothing for the ISPB since the stream's last empty claim.",
+)
+QUIET_TOUCHES = Counter(
+    "pixstream_quiet_touches",
+    "Last-seen times written in batches for the long polls that skipped their claim.",
+)
 POOL_IN_USE = Gauge(
     "pixstream_pool_connections_in_use", "Pooled connections lent out.", multiprocess_mode="livesum"
 )

@@ -17,7 +17,7 @@ from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
 
 from pixstream import db, migrate, store
-from pixstream.errors import DatabaseUnavailable
+from pixstream.errors import DatabaseUnavailable, Overloaded
 from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
 
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXTENSION = "pixstream"
+# Longest delay before the last-seen times owed by idle polls are written.
+TOUCH_PERIOD_SECONDS = 5.0
 
 
 class Runtime:
@@ -49,6 +51,7 @@ class Runtime:
         self._pool: ConnectionPool | None = None
         self._listener: Listener | None = None
         self._sweeper: threading.Thread | None = None
+        self._toucher: threading.Thread | None = None
         self._streams: StreamService | None = None
         self._access: AccessService | None = None
         # Migrations another session was applying when this process booted: not
@@ -123,6 +126,31 @@ class Runtime:
                     target=self._sweep_forever, name="pixstream-sweeper", daemon=True
                 )
                 self._sweeper.start()
+                self._toucher = threading.Thread(
+                    target=self._touch_forever, name="pixstream-toucher", daemon=True
+                )
+                self._toucher.start()
+
+    def _touch_forever(self) -> None:
+        """Write, in one batch, the last-seen times idle polls owe (quiet.py).
+
+        Sleeps on an event while nothing is owed, then gathers for a while:
+        5 s (less with a short idle window), a small part of what separates
+        the database's last-seen time from an expiry (the idle window minus
+        the long poll), and enough to merge thousands of polls into one write.
+        """
+        streams = self.streams
+        settings = streams.settings
+        period = min(TOUCH_PERIOD_SECONDS, (settings.idle_seconds - settings.long_poll_seconds) / 4)
+        while not self._stopping.is_set():
+            streams.touches_pending.wait()
+            self._stopping.wait(period)
+            try:
+                streams.flush_touches()
+            except (DatabaseUnavailable, Overloaded) as exc:
+                log.warning("last-seen times not written yet: %s", exc)
+            except Exception:
+                log.exception("writing last-seen times failed")
 
     def _sweep_forever(self) -> None:
         """Expire abandoned streams even on ISPBs that nobody reads any more."""
@@ -203,8 +231,13 @@ class Runtime:
             self._listener.stop()
 
     def stop(self) -> None:
-        """Shut down and release the pool."""
+        """Shut down, write the last-seen times still owed, and release the pool."""
         self.begin_shutdown()
+        if self._streams is not None:
+            try:
+                self._streams.flush_touches()
+            except Exception as exc:
+                log.warning("last-seen times owed at shutdown not written: %s", exc)
         if self._access is not None:
             self._access.close()
         if self._pool is not None:

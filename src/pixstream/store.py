@@ -139,6 +139,17 @@ def supersede_replay(conn: psycopg.Connection, stream_id: int, answer_in: float)
     _run(conn, "supersede_replay", {"stream_id": stream_id, "answer_in": answer_in})
 
 
+def touch_quiet_streams(conn: psycopg.Connection, owed: Sequence[tuple[int, str, float]]) -> None:
+    """Record requests answered without a transaction: (stream id, pull id, seconds until due).
+
+    A stream that moved past that pull, closed, or is locked by a request
+    writing its own last-seen time right now, is left as it is.
+    """
+    ids, pulls, ahead = zip(*owed, strict=True) if owed else ((), (), ())
+    _run(conn, "touch_quiet_streams", {"ids": list(ids), "pulls": list(pulls),
+                                       "ahead": list(ahead)})  # fmt: skip
+
+
 def close_stream(conn: psycopg.Connection, stream_id: int, pull: str) -> None:
     """Close the stream on a DELETE made with ``pull``."""
     _run(conn, "close_stream", {"stream_id": stream_id, "pull": pull})
@@ -167,6 +178,11 @@ def expire_idle_streams(
 def notify_ispbs(conn: psycopg.Connection, ispbs: Iterable[str]) -> None:
     """Wake the readers of ``ispbs`` once this transaction commits."""
     _run(conn, "notify_ispbs", {"ispbs": sorted(set(ispbs))})
+
+
+def notify_streams_closed(conn: psycopg.Connection, stream_ids: Iterable[int]) -> None:
+    """Tell every process, once this transaction commits, that these streams are closed."""
+    _run(conn, "notify_streams_closed", {"ids": sorted(set(stream_ids))})
 
 
 def copy_messages(conn: psycopg.Connection, rows: Iterable[Sequence[Any]]) -> int:

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import secrets
 import string
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -49,7 +50,8 @@ from pixstream.limits import (
     WaiterCap,
     retry_after_seconds,
 )
-from pixstream.listener import Listener, Wakeup
+from pixstream.listener import STREAMS_CHANNEL, Listener, Mark, Wakeup
+from pixstream.quiet import Quiet, QuietPulls, Touches
 
 log = logging.getLogger(__name__)
 events = logging.getLogger("pixstream.events")
@@ -85,10 +87,15 @@ def _event(name: str, ispb: str, stream_id: int, **fields: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One answer: the batch (empty means 204) and the id to follow next."""
+    """One answer: the batch (empty means 204) and the id to follow next.
+
+    ``quiet_stream`` is set on an empty answer known to leave its stream quiet
+    (quiet.py): ``pull_next`` current and confirmed, no batch, no replay.
+    """
 
     pull_next: str
     documents: list[str]
+    quiet_stream: int | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,8 @@ class Settings:
     # for a connection beyond which a start is refused (reads: see __init__).
     pool_size: int = 10
     shed_wait_seconds: float = 1.0
+    # One long poll in this many on an idle stream claims; the others wait at once (quiet.py).
+    idle_claim_every: int = 5
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -120,6 +129,7 @@ class Settings:
             max_waiting=config["MAX_WAITING"],
             pool_size=config["POOL_SIZE"],
             shed_wait_seconds=config["SHED_WAIT_SECONDS"],
+            idle_claim_every=config["IDLE_CLAIM_EVERY"],
         )
 
 
@@ -152,6 +162,11 @@ class StreamService:
             settings.pool_size,
             shed_after={START: shed_wait},
         )
+        self._quiet = QuietPulls(
+            claim_every=settings.idle_claim_every, capacity=2 * settings.max_waiting
+        )
+        self._touches = Touches()
+        listener.on_notify(STREAMS_CHANNEL, self._quiet.closed)
 
     def start(self, ispb: str, batch_size: int, *, idempotency_key: str | None = None) -> Delivery:
         """Open a stream and read from it (long poll).
@@ -249,6 +264,7 @@ class StreamService:
             db.transaction(self._pool) as conn,
         ):
             ticket.publish(None)  # a read overlapping this DELETE runs its own transaction
+            self._quiet.forget(pull_id)
             stream = self._locked_stream(conn, ispb, pull_id)
             usable = pull_id in (stream.current_pull, stream.replay_pull)
             repeat = stream.close_reason == "deleted" and pull_id == stream.closed_by_pull
@@ -260,6 +276,7 @@ class StreamService:
                     if released:
                         store.notify_ispbs(conn, [ispb])
                 store.close_stream(conn, stream.id, pull_id)
+                store.notify_streams_closed(conn, [stream.id])
         if repeat:
             return
         if not usable or stream.close_reason is not None:
@@ -282,6 +299,7 @@ class StreamService:
         expired = store.expire_idle_streams(conn, idle_seconds=idle_seconds, ispb=ispb)
         if expired:
             store.notify_ispbs(conn, (e.ispb for e in expired if e.released))
+            store.notify_streams_closed(conn, (e.id for e in expired))
             _record_expiry(expired)
         return expired
 
@@ -376,6 +394,37 @@ class StreamService:
         # claim found nothing sets the wakeup, so the wait below cannot miss it.
         with self._listener.subscribe(ispb) as wakeup:
             listening = self._listener.listening_generation()
+            mark = self._listener.mark(ispb)
+            with (
+                self._quiet.trusted(pull_id, ispb, mark, wakeup)
+                if pull_id is not None
+                else nullcontext()
+            ) as quiet:
+                delivery = self._long_poll(
+                    ispb, pull_id, batch_size, ticket, deadline, wakeup, listening, quiet
+                )
+        self._remember_quiet(ispb, delivery, mark, quiet)
+        return delivery
+
+    def _long_poll(
+        self,
+        ispb: str,
+        pull_id: str | None,
+        batch_size: int,
+        ticket: Ticket | None,
+        deadline: float,
+        wakeup: Wakeup,
+        listening: int | None,
+        quiet: Quiet | None,
+    ) -> Delivery:
+        """Claim (unless ``quiet`` says the database would find nothing), then wait."""
+        if quiet is not None and pull_id is not None:
+            # The database would answer as last time: nothing, same id. Wait
+            # at once; the last-seen time it would have written is owed.
+            delivery = Delivery(pull_id, [], quiet.stream_id)
+            self._touches.add(quiet.stream_id, pull_id, deadline)
+            metrics.IDLE_CLAIMS_SKIPPED.inc()
+        else:
             with _turn(ticket, self._queue_limit(deadline, first=True)):
                 delivery = self._shared(ticket if pull_id else None) or self._attempt(
                     ispb, pull_id, batch_size, deadline,
@@ -384,22 +433,66 @@ class StreamService:
                 )  # fmt: skip
                 if delivery.documents and pull_id is not None and ticket is not None:
                     ticket.publish(delivery)
-            if delivery.documents or self._listener.closing:
-                return delivery
-            if pull_id is None:
-                ticket = None  # nobody else knows the new stream's id: no turns to take
-            if not self._waiters.try_enter():
-                return delivery  # at the cap since admission: a 204 now is a valid answer
-            metrics.WAITING.inc()
-            try:
-                with ticket.waiting(wakeup.set) if ticket else nullcontext():
-                    delivery = self._wait(
-                        ispb, delivery, batch_size, deadline, wakeup, listening, ticket
-                    )
-            finally:
-                metrics.WAITING.dec()
-                self._waiters.leave()
-        return delivery
+        if delivery.documents or self._listener.closing:
+            return delivery
+        if pull_id is None:
+            ticket = None  # nobody else knows the new stream's id: no turns to take
+        if not self._waiters.try_enter():
+            return delivery  # at the cap since admission: a 204 now is a valid answer
+        metrics.WAITING.inc()
+        try:
+            with ticket.waiting(wakeup.set) if ticket else nullcontext():
+                return self._wait(
+                    ispb, delivery, batch_size, deadline, wakeup, listening, ticket,
+                    strict=quiet is not None,
+                )  # fmt: skip
+        finally:
+            metrics.WAITING.dec()
+            self._waiters.leave()
+
+    def _remember_quiet(
+        self, ispb: str, delivery: Delivery, mark: Mark | None, quiet: Quiet | None
+    ) -> None:
+        """Let the next poll on an empty answer's id skip its claim, if nothing was heard since.
+
+        ``mark`` was taken before the claim that found nothing (or, for a poll
+        that skipped it, before the claim it trusted): a notification for the
+        ISPB since then may mean messages, or a stream closed elsewhere.
+        """
+        stream_id = delivery.quiet_stream
+        if delivery.documents or stream_id is None or mark is None:
+            return
+        if self._listener.mark(ispb) != mark:
+            return
+        skipped = quiet.skipped + 1 if quiet is not None else 0
+        until = time.monotonic() + self.settings.idle_seconds / 2
+        self._quiet.remember(delivery.pull_next, Quiet(ispb, stream_id, mark, skipped, until))
+
+    def flush_touches(self) -> int:
+        """Write the last-seen times owed by polls that skipped their claim; how many streams.
+
+        Written long before an expiry could read them (the sweep's idle window
+        is far longer than the flush's period); if the write fails, they stay owed.
+        """
+        owed = self._touches.take()
+        if not owed:
+            return 0
+        now = time.monotonic()
+        try:
+            with self._slot(READ, self._pool.timeout), db.transaction(self._pool) as conn:
+                store.touch_quiet_streams(
+                    conn, [(stream_id, pull_id, due - now) for stream_id, pull_id, due in owed]
+                )
+        except (DatabaseUnavailable, Overloaded):
+            self._touches.give_back(owed)
+            raise
+        metrics.QUIET_TOUCHES.inc(len(owed))
+        return len(owed)
+
+    @property
+    def touches_pending(self) -> threading.Event:
+        """Set while last-seen times are owed (for the process's flushing thread)."""
+        return self._touches.pending
 
     def _wait(
         self,
@@ -410,8 +503,15 @@ class StreamService:
         wakeup: Wakeup,
         listening: int | None,
         ticket: Ticket | None,
+        *,
+        strict: bool = False,
     ) -> Delivery:
-        """Wait for a message until ``deadline``; claim it (taking the id's turn) when woken."""
+        """Wait for a message until ``deadline``; claim it (taking the id's turn) when woken.
+
+        ``strict``: the poll skipped its claim, trusting the listener. Then a
+        reconnect's scan, which looks only for queued messages, is not enough
+        to answer 204: the stream may have been closed meanwhile; claim again.
+        """
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -421,7 +521,11 @@ class StreamService:
                 break  # shutting down: answer 204 now, the stream stays valid
             if ticket is not None and ticket.released:
                 break  # a newer request on this id is served; answer as at the window's end
-            if not woken and self._listener.missed_nothing_since(listening):
+            if not woken and (
+                self._listener.listening_generation() == listening
+                if strict
+                else self._listener.missed_nothing_since(listening)
+            ):
                 # Listened throughout, or the listener reconnected and its scan
                 # woke every ISPB with queued rows: the empty claim still
                 # stands. Otherwise notifications may be lost: re-check once.
@@ -445,6 +549,7 @@ class StreamService:
                 # did commit, that id replays the batch it claimed.
                 metrics.WAKEUP_CLAIM_FAILURES.inc()
                 log.warning("claim after a wake-up failed for ISPB %s: %s", ispb, exc)
+                delivery = dataclasses.replace(delivery, quiet_stream=None)  # state unknown
                 if not woken:
                     break
                 continue
@@ -601,7 +706,7 @@ class StreamService:
         claimed = store.claim_batch(conn, ispb, next_pull, batch_size)
         if not claimed.documents:
             store.supersede_replay(conn, stream_id, answer_in)
-            return Delivery(used_pull, [])
+            return Delivery(used_pull, [], stream_id)
         size = len(claimed.documents)
         store.advance_stream(conn, stream_id, next_pull, size=size, replay=used_pull)
         metrics.MESSAGES_DELIVERED.inc(size)

@@ -105,6 +105,27 @@ UPDATE pix_stream
 SET replay_pull = NULL, last_seen_at = now() + make_interval(secs => %(answer_in)s)
 WHERE id = %(stream_id)s;
 
+-- name: touch_quiet_streams
+-- Last-seen times owed by long polls that waited without a transaction
+-- (quiet.py): each counts from when its answer is due, ahead seconds from now
+-- (relative, so that the app hosts' clocks do not matter). Only streams still
+-- open at that pull, and only forward. SKIP LOCKED, ordered: a stream locked
+-- right now is being served by a request that writes its own last-seen time,
+-- or closed; and two writers never wait on each other.
+WITH owed AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(pulls)s::text[], %(ahead)s::float8[])
+        AS o(stream_id, pull, ahead)
+), locked AS (
+    SELECT s.id FROM pix_stream s
+    WHERE s.id = ANY(%(ids)s::bigint[])
+    ORDER BY s.id
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pix_stream s
+SET last_seen_at = greatest(s.last_seen_at, now() + make_interval(secs => o.ahead))
+FROM owed o JOIN locked l ON l.id = o.stream_id
+WHERE s.id = o.stream_id AND s.current_pull = o.pull AND s.closed_at IS NULL;
+
 -- name: close_stream
 UPDATE pix_stream
 SET closed_at = now(), close_reason = 'deleted', closed_by_pull = %(pull)s, last_seen_at = now()
@@ -175,6 +196,11 @@ GROUP BY e.id, e.ispb;
 -- name: notify_ispbs
 -- Wake the readers of these ISPBs (delivered when the transaction commits).
 SELECT count(pg_notify('pix_inserted', ispb)) FROM unnest(%(ispbs)s::text[]) AS ispb;
+
+-- name: notify_streams_closed
+-- A DELETE or an expiry: polls that would skip their claim on these streams
+-- (they trust the listener, see quiet.py) must ask the database instead.
+SELECT count(pg_notify('pix_stream_closed', id::text)) FROM unnest(%(ids)s::bigint[]) AS id;
 
 -- name: count_all_open_streams
 SELECT count(*) FROM pix_stream WHERE closed_at IS NULL;

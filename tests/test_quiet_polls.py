@@ -1,0 +1,199 @@
+"""Idle long polls that skip the database (quiet.py), and why that is safe.
+
+An idle stream's polls claim in the database only once in IDLE_CLAIM_EVERY;
+the others trust that the process's listener heard nothing for the ISPB since
+the stream's last empty claim. Every change that could make that claim's
+answer wrong is notified: an insert, a batch given back, a DELETE or an
+expiry, from any instance. These tests make each change on a second instance,
+B, while the stream is quiet on A, and check that A answers what the
+database would: the message, the replay, 410. And the last-seen times the
+skipped transactions did not write are written: a stream polled only quietly
+does not expire.
+
+Each server has one worker, so that which process serves a request is known.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+
+from _streamkit import app_name, close_all, e2e_ids, new_ispb, wait_for, warm_up
+from conftest import Server
+from httpclient import HttpClient, Reply
+
+pytestmark = pytest.mark.server
+
+QUIET = {
+    "LONG_POLL_SECONDS": 0.6,
+    "POOL_TIMEOUT_SECONDS": 2,
+    "STREAM_IDLE_SECONDS": 3,
+    "SWEEP_SECONDS": 0.3,
+}
+CLAIM_EVERY = 5
+
+
+def metric(http: HttpClient, name: str) -> float:
+    """One unlabelled sample of the server's /metrics (0 if absent)."""
+    for line in http.get("/metrics").body.decode().splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture
+def start_two(
+    start_server: Callable[..., Server], db: psycopg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., tuple[HttpClient, HttpClient]]]:
+    """Start two single-worker servers, A and B, on one database, both listening;
+    their clients are returned and closed afterwards."""
+    clients = []
+
+    def start(**settings: object) -> tuple[HttpClient, HttpClient]:
+        for _ in range(2):
+            name = app_name()
+            monkeypatch.setenv("PGAPPNAME", name)
+            server = start_server(workers=1, IDLE_CLAIM_EVERY=CLAIM_EVERY, **settings)
+            warm_up(server.base, db, name, workers=1)
+            clients.append(HttpClient(server.base, timeout=15))
+        return clients[-2], clients[-1]
+
+    yield start
+    close_all(clients)
+
+
+@pytest.fixture
+def two_instances(start_two: Callable[..., tuple[HttpClient, HttpClient]]):
+    return start_two(**QUIET)
+
+
+def quiet_stream(http: HttpClient, ispb: str) -> str:
+    """Open a stream on ``http``'s server and poll it until a poll skipped its claim there."""
+    reply = http.get(f"/api/pix/{ispb}/stream/start")
+    assert reply.status == 204, reply.status
+    pull_next = reply.pull_next
+    assert pull_next is not None
+    skipped = metric(http, "pixstream_idle_claims_skipped_total")
+    reply = http.get(pull_next)  # the claim whose silence the next poll trusts
+    assert (reply.status, reply.pull_next) == (204, pull_next)
+    reply = http.get(pull_next)
+    assert (reply.status, reply.pull_next) == (204, pull_next)
+    assert metric(http, "pixstream_idle_claims_skipped_total") > skipped, "no claim was skipped"
+    return pull_next
+
+
+def test_idle_polls_claim_once_in_five(two_instances):
+    a, _ = two_instances
+    ispb = new_ispb()
+    reply = a.get(f"/api/pix/{ispb}/stream/start")
+    pull_next = reply.pull_next
+    claims = metric(a, "pixstream_claim_duration_seconds_count")
+    polls = 4 * CLAIM_EVERY
+    for _ in range(polls):
+        reply = a.get(pull_next)
+        assert (reply.status, reply.pull_next) == (204, pull_next)
+    made = metric(a, "pixstream_claim_duration_seconds_count") - claims
+    # One claim in five; one more if a notification of another test's ISPB
+    # collided in time (they are per ISPB: none should).
+    assert made <= polls / CLAIM_EVERY + 1, made
+
+
+def test_a_delete_on_another_instance_is_heard_by_a_quiet_poll(two_instances):
+    """A DELETE on B notifies the ISPB: A's next poll on the closed stream is a 410,
+    whether A has heard the notification before the poll arrives or while it waits."""
+    a, b = two_instances
+    for _ in range(3):
+        ispb = new_ispb()
+        pull_next = quiet_stream(a, ispb)
+        assert b.delete(pull_next).status == 200
+        reply = a.get(pull_next)
+        assert reply.status == 410, (reply.status, reply.body[:200])
+
+
+def test_a_delete_on_another_instance_wakes_a_quiet_poll_that_waits(start_two):
+    """The close is heard while A's poll waits without having claimed: it claims
+    at once and answers 410, instead of a 204 at its window's end."""
+    window = 6
+    a, b = start_two(LONG_POLL_SECONDS=window, STREAM_IDLE_SECONDS=20)
+    ispb = new_ispb()
+    assert a.post(f"/api/util/msgs/{ispb}/1").status == 201
+    reply = a.get(f"/api/pix/{ispb}/stream/start")
+    assert reply.status == 200
+    pull_next = reply.pull_next
+    # Confirms the message; its empty claim is what A's next poll trusts.
+    assert a.get(pull_next).status == 204
+    skipped = metric(a, "pixstream_idle_claims_skipped_total")
+    answer: dict[str, object] = {}
+
+    def poll() -> None:
+        client = HttpClient(f"http://{a.host}:{a.port}", timeout=15)
+        started = time.monotonic()
+        try:
+            answer["reply"] = client.get(pull_next)
+        finally:
+            client.close()
+        answer["seconds"] = time.monotonic() - started
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    wait_for(
+        lambda: metric(a, "pixstream_idle_claims_skipped_total") > skipped,
+        timeout=window / 2, what="A's poll to skip its claim and wait",
+    )  # fmt: skip
+    assert b.delete(pull_next).status == 200
+    waiter.join(15)
+    reply = answer["reply"]
+    assert isinstance(reply, Reply) and reply.status == 410, reply
+    assert answer["seconds"] < window / 2, answer["seconds"]
+
+
+def test_a_batch_taken_on_another_instance_is_replayed_by_a_quiet_poll(two_instances):
+    """The stream moves on at B with a message; the retry of that read on A
+    (the client lost B's answer) must replay it, not answer a quiet 204."""
+    a, b = two_instances
+    ispb = new_ispb()
+    pull_next = quiet_stream(a, ispb)
+    assert b.post(f"/api/util/msgs/{ispb}/1").status == 201
+    first = b.get(pull_next)
+    assert first.status == 200
+    again = a.get(pull_next)
+    assert (again.status, e2e_ids(again), again.pull_next) == (
+        200, e2e_ids(first), first.pull_next,
+    )  # fmt: skip
+
+
+def test_a_message_inserted_through_another_instance_reaches_a_quiet_poll(two_instances):
+    a, b = two_instances
+    ispb = new_ispb()
+    pull_next = quiet_stream(a, ispb)
+    assert b.post(f"/api/util/msgs/{ispb}/1").status == 201
+    reply = a.get(pull_next)
+    assert reply.status == 200 and len(e2e_ids(reply)) == 1
+
+
+def test_a_stream_polled_only_quietly_does_not_expire(two_instances, db):
+    """Polls that skip their claim still count as requests: their last-seen times
+    are written in batches, and B's sweeper (idle window 3 s) leaves the stream alone."""
+    a, _ = two_instances
+    ispb = new_ispb()
+    pull_next = quiet_stream(a, ispb)
+    skipped = metric(a, "pixstream_idle_claims_skipped_total")
+    idle_seconds = QUIET["STREAM_IDLE_SECONDS"]
+    window = QUIET["LONG_POLL_SECONDS"]
+    for _ in range(round(2.5 * idle_seconds / window)):
+        reply: Reply = a.get(pull_next)
+        assert (reply.status, reply.pull_next) == (204, pull_next), reply.status
+    assert metric(a, "pixstream_idle_claims_skipped_total") - skipped >= idle_seconds / window
+    assert metric(a, "pixstream_quiet_touches_total") > 0
+    # Left alone, it expires as any other stream does.
+    wait_for(
+        lambda: db.execute(
+            "SELECT close_reason FROM pix_stream WHERE ispb = %s", (ispb,)
+        ).fetchone()[0] == "expired",
+        timeout=idle_seconds + 5, interval=0.1, what="the abandoned stream's expiry",
+    )  # fmt: skip
+    assert a.get(pull_next).status == 410
