@@ -145,6 +145,8 @@ def test_test_config_overrides_environment(
         ({"POOL_TIMEOUT_SECONDS": "60"}, "PIXSTREAM_POOL_TIMEOUT_SECONDS"),
         ({"SWEEP_SECONDS": "-1"}, "PIXSTREAM_SWEEP_SECONDS"),
         ({"SWEEP_SECONDS": "often"}, "PIXSTREAM_SWEEP_SECONDS"),
+        ({"IDLE_CLAIM_EVERY": "0"}, "PIXSTREAM_IDLE_CLAIM_EVERY"),
+        ({"IDLE_CLAIM_EVERY": "2.5"}, "PIXSTREAM_IDLE_CLAIM_EVERY"),
         ({"DATA_DIR": ""}, "PIXSTREAM_DATA_DIR"),
     ],
 )
