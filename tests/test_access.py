@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
@@ -287,6 +288,44 @@ def test_no_query_per_request_once_cached(host: Host) -> None:
     assert host.access.authenticate_token(token).ispb == ispb
     with pytest.raises(DatabaseUnavailable):
         host.access.authenticate_token(TOKEN_PREFIX + secrets.token_urlsafe(32))
+
+
+def test_simultaneous_checks_of_an_uncached_credential_share_one_lookup(
+    host: Host, db: psycopg.Connection
+) -> None:
+    """After a deploy every bank's collectors reconnect at once, each with a token
+    no process has cached yet: the checks of one token wait for one lookup."""
+    ispb = new_ispb()
+    info, token = host.access.create_token(ispb)
+    host.settle(info.id)
+    host.access.clear_cache()
+    before = host.requests()
+    checks = 12
+    answers: list[object] = []
+    with psycopg.connect(db.info.dsn, autocommit=True) as blocker:
+        # The first lookup waits on this lock, so that the others come while it runs.
+        blocker.execute("BEGIN")
+        blocker.execute("LOCK TABLE pix_credential IN ACCESS EXCLUSIVE MODE")
+
+        def check() -> None:
+            try:
+                answers.append(host.access.authenticate_token(token).ispb)
+            except Exception as exc:  # noqa: BLE001 - the test reports what it got
+                answers.append(exc)
+
+        threads = [threading.Thread(target=check) for _ in range(checks)]
+        for thread in threads:
+            thread.start()
+        flights = host.access._flights  # the lookups in progress and their followers
+        wait_for(
+            lambda: sum(f.followers + 1 for f in list(flights.values())) == checks,
+            timeout=5, what="every check to wait for the one lookup",
+        )  # fmt: skip
+        blocker.execute("COMMIT")
+    for thread in threads:
+        thread.join(10)
+    assert answers == [ispb] * checks
+    assert host.requests() - before == 1
 
 
 def test_refusals_are_cached_briefly(make_host: Callable[..., Host]) -> None:

@@ -20,7 +20,9 @@ credential notification: a client repeating a dead token costs a query every
 two seconds, not one per request, and a certificate registered right after it
 was refused works at once. Random unknown tokens cannot be cached; their
 lookups are bounded instead (``max_lookups`` at a time per process), so a
-flood of them occupies that many pool connections and no more.
+flood of them occupies that many pool connections and no more. Simultaneous
+checks of one credential the cache does not hold (the six collectors of a
+bank reconnecting at once after a deploy) share one lookup.
 
 Only ``threading`` primitives are used (monkey-patched into greenlet ones
 under gevent); the cache is a pair of dicts behind one lock.
@@ -28,6 +30,7 @@ under gevent); the cache is a pair of dicts behind one lock.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import hmac
 import logging
@@ -162,6 +165,17 @@ class _Refusal:
     cached_at: float
 
 
+class _Flight:
+    """One lookup in progress, and what it found (a principal or the error to raise)."""
+
+    __slots__ = ("done", "followers", "outcome")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.followers = 0  # checks waiting for this lookup instead of making their own
+        self.outcome: Principal | PixstreamError | None = None
+
+
 def token_hash(token: str) -> bytes:
     """What a token is stored and looked up as."""
     return hashlib.sha256(token.encode("utf-8")).digest()
@@ -210,6 +224,7 @@ class AccessService:
         # cache its (maybe stale) answer.
         self._epoch = 0
         self._lookups = threading.BoundedSemaphore(max_lookups)
+        self._flights: dict[tuple[bytes, str], _Flight] = {}
         self._touched: dict[int, float] = {}  # credential id -> when last marked used
         self._pending: dict[int, datetime] = {}  # credential id -> last use, not yet written
         self._closing = threading.Event()
@@ -264,6 +279,35 @@ class AccessService:
         return listening is not None and listening == entry.generation
 
     def _lookup(self, digest: bytes, kind: str) -> Principal:
+        """Ask the database, or wait for the same question already asked (single flight)."""
+        with self._lock:
+            flight = self._flights.get((digest, kind))
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[digest, kind] = _Flight()
+            else:
+                flight.followers += 1
+        if not leader:
+            if not flight.done.wait(self._pool.timeout):
+                raise DatabaseUnavailable("the credential check took too long")
+            outcome = flight.outcome
+            if isinstance(outcome, Principal):
+                self._mark_used(outcome.credential_id, time.monotonic())
+                return outcome
+            raise copy.copy(outcome) if outcome is not None else DatabaseUnavailable()
+        try:
+            principal = self._query(digest, kind)
+            flight.outcome = principal
+            return principal
+        except (CredentialRejected, DatabaseUnavailable) as exc:
+            flight.outcome = exc
+            raise
+        finally:
+            with self._lock:
+                del self._flights[digest, kind]
+            flight.done.set()
+
+    def _query(self, digest: bytes, kind: str) -> Principal:
         # Both read before the query: an invalidation or reconnection that
         # lands while it runs makes its answer uncacheable or untrusted.
         with self._lock:
