@@ -310,7 +310,7 @@ def test_simultaneous_checks_of_an_uncached_credential_share_one_lookup(
         def check() -> None:
             try:
                 answers.append(host.access.authenticate_token(token).ispb)
-            except Exception as exc:  # noqa: BLE001 - the test reports what it got
+            except Exception as exc:  # the test reports what it got
                 answers.append(exc)
 
         threads = [threading.Thread(target=check) for _ in range(checks)]
