@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from _streamkit import app_name, close_all, e2e_ids, new_ispb, wait_for, warm_up
+from _streamkit import app_name, close_all, e2e_ids, listener_pids, new_ispb, wait_for, warm_up
 from conftest import Server
 from httpclient import HttpClient, Reply
 
@@ -52,16 +52,19 @@ def start_two(
     """Start two single-worker servers, A and B, on one database, both listening;
     their clients are returned and closed afterwards."""
     clients = []
+    names: list[str] = []  # each server's application_name, as its connections show it
 
     def start(**settings: object) -> tuple[HttpClient, HttpClient]:
         for _ in range(2):
             name = app_name()
+            names.append(name)
             monkeypatch.setenv("PGAPPNAME", name)
             server = start_server(workers=1, IDLE_CLAIM_EVERY=CLAIM_EVERY, **settings)
             warm_up(server.base, db, name, workers=1)
             clients.append(HttpClient(server.base, timeout=15))
         return clients[-2], clients[-1]
 
+    start.names = names  # type: ignore[attr-defined]
     yield start
     close_all(clients)
 
@@ -114,18 +117,20 @@ def test_a_delete_on_another_instance_is_heard_by_a_quiet_poll(two_instances):
         assert reply.status == 410, (reply.status, reply.body[:200])
 
 
-def test_a_delete_on_another_instance_wakes_a_quiet_poll_that_waits(start_two):
-    """The close is heard while A's poll waits without having claimed: it claims
-    at once and answers 410, instead of a 204 at its window's end."""
-    window = 6
-    a, b = start_two(LONG_POLL_SECONDS=window, STREAM_IDLE_SECONDS=20)
-    ispb = new_ispb()
+def quiet_after_a_message(a: HttpClient, ispb: str) -> str:
+    """A stream on A whose next poll may skip its claim (any window length): a message
+    delivered at the start, then a poll that confirms it and finds nothing."""
     assert a.post(f"/api/util/msgs/{ispb}/1").status == 201
     reply = a.get(f"/api/pix/{ispb}/stream/start")
     assert reply.status == 200
     pull_next = reply.pull_next
-    # Confirms the message; its empty claim is what A's next poll trusts.
     assert a.get(pull_next).status == 204
+    return pull_next
+
+
+def poll_in_background(a: HttpClient, pull_next: str, window: float) -> Callable[[], Reply]:
+    """Send a poll on A that skips its claim; once it waits, return a function that
+    gives its answer (which must come within half the window)."""
     skipped = metric(a, "pixstream_idle_claims_skipped_total")
     answer: dict[str, object] = {}
 
@@ -144,11 +149,48 @@ def test_a_delete_on_another_instance_wakes_a_quiet_poll_that_waits(start_two):
         lambda: metric(a, "pixstream_idle_claims_skipped_total") > skipped,
         timeout=window / 2, what="A's poll to skip its claim and wait",
     )  # fmt: skip
+
+    def result() -> Reply:
+        waiter.join(15)
+        reply = answer["reply"]
+        assert isinstance(reply, Reply)
+        assert answer["seconds"] < window / 2, (reply.status, answer["seconds"])
+        return reply
+
+    return result
+
+
+def test_a_delete_on_another_instance_wakes_a_quiet_poll_that_waits(start_two):
+    """The close is heard while A's poll waits without having claimed: it claims
+    at once and answers 410, instead of a 204 at its window's end."""
+    window = 6
+    a, b = start_two(LONG_POLL_SECONDS=window, STREAM_IDLE_SECONDS=20)
+    pull_next = quiet_after_a_message(a, new_ispb())
+    answer = poll_in_background(a, pull_next, window)
     assert b.delete(pull_next).status == 200
-    waiter.join(15)
-    reply = answer["reply"]
-    assert isinstance(reply, Reply) and reply.status == 410, reply
-    assert answer["seconds"] < window / 2, answer["seconds"]
+    assert answer().status == 410
+
+
+def test_a_close_sent_while_nobody_listened_is_found_by_the_reconnect_scan(start_two, db):
+    """A close whose notification A never got (its listener was down): the scan
+    after the reconnect finds the stream closed and wakes the poll trusting it,
+    which answers 410 at once rather than a 204 at its window's end."""
+    window = 6
+    a, _ = start_two(LONG_POLL_SECONDS=window, STREAM_IDLE_SECONDS=20)
+    name = start_two.names[-2]
+    ispb = new_ispb()
+    pull_next = quiet_after_a_message(a, ispb)
+    answer = poll_in_background(a, pull_next, window)
+    # Closed without a notification, as if sent while A's listener was away...
+    db.execute(
+        "UPDATE pix_stream SET closed_at = now(), close_reason = 'deleted',"
+        " closed_by_pull = current_pull WHERE ispb = %s",
+        (ispb,),
+    )
+    # ... and A's listener is away: killed, it reconnects and scans.
+    (pid,) = listener_pids(db, name)
+    db.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    assert answer().status == 410
 
 
 def test_a_batch_taken_on_another_instance_is_replayed_by_a_quiet_poll(two_instances):

@@ -12,8 +12,9 @@ reconnect's scan for queued messages has run.
 The same connection also listens on ``pix_credentials`` (a credential was
 created, revoked or changed; the payload is its id) and ``pix_stream_closed``
 (a stream was closed or expired; the payload is its id), and hands those
-payloads to the callbacks registered with ``on_notify``; ``on_reconnect`` callbacks run
-on every new connection, since notifications sent meanwhile were lost.
+payloads to the callbacks registered with ``on_notify``. Notifications sent
+while nobody listened are lost: ``on_reconnect`` callbacks run on every new
+connection, and ``on_scan`` callbacks in its wake-up scan, with the connection.
 
 The thread must outlive anything short of its own killing (a BaseException):
 without it the process silently falls back to one claim per window. Any
@@ -136,6 +137,7 @@ class Listener:
             STREAMS_CHANNEL: [],
         }
         self._reconnect_hooks: list[Callable[[], None]] = []
+        self._scan_hooks: list[Callable[[psycopg.Connection], None]] = []
         # Bumped on every (re)connection: a waiter that saw the same generation
         # connected before its claim and after its wait missed no notification.
         self.generation = 0
@@ -234,6 +236,16 @@ class Listener:
         with self._lock:
             self._reconnect_hooks.append(callback)
 
+    def on_scan(self, callback: Callable[[psycopg.Connection], None]) -> None:
+        """Call ``callback(conn)`` in every new connection's wake-up scan, with that connection.
+
+        For what else waiters may have missed while nobody listened: it runs
+        after LISTEN, under the scan's deadline, and must wake whom it
+        concerns. If it raises, the scan counts as failed (waiters re-check).
+        """
+        with self._lock:
+            self._scan_hooks.append(callback)
+
     def _dispatch(self, channel: str, payload: str) -> None:
         with self._lock:
             callbacks = list(self._callbacks.get(channel, ()))
@@ -327,10 +339,11 @@ class Listener:
         """
         with self._lock:
             ispbs = list(self._waiters)
-        if not ispbs:
-            return
+            hooks = list(self._scan_hooks)
         with db.deadline(_PROBE_DEADLINE):
-            queued = conn.execute(_QUEUED_ISPBS, (ispbs,)).fetchall()
+            queued = conn.execute(_QUEUED_ISPBS, (ispbs,)).fetchall() if ispbs else []
+            for hook in hooks:
+                hook(conn)
             # A no-op, so that pg_stat_activity shows the listener by its
             # last statement again (see _run).
             conn.execute(f"LISTEN {CHANNEL}")

@@ -55,6 +55,7 @@ class QuietPulls:
         self._pulls: OrderedDict[str, Quiet] = OrderedDict()
         self._pull_of: dict[int, str] = {}  # stream id -> its quiet pull id
         self._trusting: defaultdict[int, set[Wakeup]] = defaultdict(set)
+        self._trusted_pull: dict[int, str] = {}  # stream id -> the pull its trusting polls use
         self._lock = threading.Lock()
 
     def remember(self, pull_id: str, quiet: Quiet) -> None:
@@ -89,6 +90,7 @@ class QuietPulls:
                     waiters.discard(wakeup)
                     if not waiters:
                         del self._trusting[quiet.stream_id]
+                        del self._trusted_pull[quiet.stream_id]
 
     def _take(self, pull_id: str, ispb: str, mark: Mark | None, wakeup: Wakeup) -> Quiet | None:
         with self._lock:
@@ -101,7 +103,13 @@ class QuietPulls:
             if time.monotonic() >= quiet.until:
                 return None
             self._trusting[quiet.stream_id].add(wakeup)
+            self._trusted_pull[quiet.stream_id] = pull_id
             return quiet
+
+    def trusted_pulls(self) -> dict[int, str]:
+        """The streams that polls are waiting on without having claimed, and their pull ids."""
+        with self._lock:
+            return dict(self._trusted_pull)
 
     def forget(self, pull_id: str) -> None:
         with self._lock:
@@ -115,6 +123,10 @@ class QuietPulls:
             stream_id = int(payload)
         except ValueError:
             return
+        self.moved(stream_id)
+
+    def moved(self, stream_id: int) -> None:
+        """The stream was closed, or moved past its quiet pull: its polls must ask the database."""
         with self._lock:
             self._drop_stream(stream_id)
             waiters = list(self._trusting.get(stream_id, ()))

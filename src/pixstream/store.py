@@ -7,7 +7,7 @@ listener.py runs ``LISTEN`` and its liveness probe on its own connection."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -148,6 +148,12 @@ def touch_quiet_streams(conn: psycopg.Connection, owed: Sequence[tuple[int, str,
     ids, pulls, ahead = zip(*owed, strict=True) if owed else ((), (), ())
     _run(conn, "touch_quiet_streams", {"ids": list(ids), "pulls": list(pulls),
                                        "ahead": list(ahead)})  # fmt: skip
+
+
+def streams_moved_on(conn: psycopg.Connection, pulls: Mapping[int, str]) -> list[int]:
+    """Of these streams (id -> pull id), those closed or no longer at that pull."""
+    rows = _run(conn, "streams_moved_on", {"ids": list(pulls), "pulls": list(pulls.values())})
+    return [int(stream_id) for (stream_id,) in rows]
 
 
 def close_stream(conn: psycopg.Connection, stream_id: int, pull: str) -> None:

@@ -167,6 +167,7 @@ class StreamService:
         )
         self._touches = Touches()
         listener.on_notify(STREAMS_CHANNEL, self._quiet.closed)
+        listener.on_scan(self._rescan_trusted)
 
     def start(self, ispb: str, batch_size: int, *, idempotency_key: str | None = None) -> Delivery:
         """Open a stream and read from it (long poll).
@@ -442,13 +443,23 @@ class StreamService:
         metrics.WAITING.inc()
         try:
             with ticket.waiting(wakeup.set) if ticket else nullcontext():
-                return self._wait(
-                    ispb, delivery, batch_size, deadline, wakeup, listening, ticket,
-                    strict=quiet is not None,
-                )  # fmt: skip
+                return self._wait(ispb, delivery, batch_size, deadline, wakeup, listening, ticket)
         finally:
             metrics.WAITING.dec()
             self._waiters.leave()
+
+    def _rescan_trusted(self, conn: psycopg.Connection) -> None:
+        """On a new LISTEN connection: wake the polls trusting a stream that changed meanwhile.
+
+        Closes sent while nobody listened are lost. With this check in the
+        listener's scan, a poll that skipped its claim may trust the scan as
+        every waiter does, instead of claiming at its window's end (after a
+        reconnect, that would be most of the process's waiters at once).
+        """
+        trusted = self._quiet.trusted_pulls()
+        if trusted:
+            for stream_id in store.streams_moved_on(conn, trusted):
+                self._quiet.moved(stream_id)
 
     def _remember_quiet(
         self, ispb: str, delivery: Delivery, mark: Mark | None, quiet: Quiet | None
@@ -503,15 +514,8 @@ class StreamService:
         wakeup: Wakeup,
         listening: int | None,
         ticket: Ticket | None,
-        *,
-        strict: bool = False,
     ) -> Delivery:
-        """Wait for a message until ``deadline``; claim it (taking the id's turn) when woken.
-
-        ``strict``: the poll skipped its claim, trusting the listener. Then a
-        reconnect's scan, which looks only for queued messages, is not enough
-        to answer 204: the stream may have been closed meanwhile; claim again.
-        """
+        """Wait for a message until ``deadline``; claim it (taking the id's turn) when woken."""
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -521,14 +525,11 @@ class StreamService:
                 break  # shutting down: answer 204 now, the stream stays valid
             if ticket is not None and ticket.released:
                 break  # a newer request on this id is served; answer as at the window's end
-            if not woken and (
-                self._listener.listening_generation() == listening
-                if strict
-                else self._listener.missed_nothing_since(listening)
-            ):
+            if not woken and self._listener.missed_nothing_since(listening):
                 # Listened throughout, or the listener reconnected and its scan
-                # woke every ISPB with queued rows: the empty claim still
-                # stands. Otherwise notifications may be lost: re-check once.
+                # woke every ISPB with queued rows (and every poll trusting a
+                # stream closed meanwhile): the empty claim still stands.
+                # Otherwise notifications may be lost: re-check once.
                 break
             wakeup.clear()  # before the claim: a later insert must wake us again
             # On a wake-up, claim; at the end of a window in which the

@@ -126,6 +126,17 @@ SET last_seen_at = greatest(s.last_seen_at, now() + make_interval(secs => o.ahea
 FROM owed o JOIN locked l ON l.id = o.stream_id
 WHERE s.id = o.stream_id AND s.current_pull = o.pull AND s.closed_at IS NULL;
 
+-- name: streams_moved_on
+-- Run by the listener's connection after a reconnect: which of the streams
+-- that polls wait on without having claimed (quiet.py) were closed, or moved
+-- past the pull those polls use, while closes were not being heard.
+SELECT o.stream_id
+FROM unnest(%(ids)s::bigint[], %(pulls)s::text[]) AS o(stream_id, pull)
+WHERE NOT EXISTS (
+    SELECT FROM pix_stream s
+    WHERE s.id = o.stream_id AND s.current_pull = o.pull AND s.closed_at IS NULL
+);
+
 -- name: close_stream
 UPDATE pix_stream
 SET closed_at = now(), close_reason = 'deleted', closed_by_pull = %(pull)s, last_seen_at = now()
