@@ -233,7 +233,10 @@ def generic_plan(
             sql.Identifier(prepared), sql.SQL(", ").join(sql.Literal(params[k]) for k in order)
         )
         (document,) = conn.execute(sql.SQL("EXPLAIN (FORMAT JSON) {}").format(execute)).fetchone()  # type: ignore[misc]
-        text = "\n".join(row[0] for row in conn.execute(sql.SQL("EXPLAIN {}").format(execute)))
+        # VERBOSE: a parameter passed only to a function (unnest) shows there.
+        text = "\n".join(
+            row[0] for row in conn.execute(sql.SQL("EXPLAIN (VERBOSE) {}").format(execute))
+        )
         (generic,) = conn.execute(
             "SELECT generic_plans FROM pg_prepared_statements WHERE name = %s", (prepared,)
         ).fetchone()  # type: ignore[misc]
@@ -317,6 +320,18 @@ def test_prepared_sweep_reads_only_open_streams(conn: psycopg.Connection) -> Non
         ("confirm_pull", {"pull": "histpull00000001"}, "pix_pull", "pix_pull_pkey"),
         ("batch_documents", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
         ("release_pull", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
+        (
+            "touch_quiet_streams",
+            {"ids": [1, 2], "pulls": ["strmpull00000001", "x"], "ahead": [1.0, 2.0]},
+            "pix_stream",
+            "pix_stream_pkey",
+        ),
+        (
+            "streams_moved_on",
+            {"ids": [1, 2], "pulls": ["strmpull00000001", "x"]},
+            "pix_stream",
+            "pix_stream_pkey",
+        ),
     ],
 )
 def test_prepared_protocol_statements_use_their_index(
