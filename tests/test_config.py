@@ -147,6 +147,8 @@ def test_test_config_overrides_environment(
         ({"SWEEP_SECONDS": "often"}, "PIXSTREAM_SWEEP_SECONDS"),
         ({"IDLE_CLAIM_EVERY": "0"}, "PIXSTREAM_IDLE_CLAIM_EVERY"),
         ({"IDLE_CLAIM_EVERY": "2.5"}, "PIXSTREAM_IDLE_CLAIM_EVERY"),
+        ({"RETENTION_HOURS": "0"}, "PIXSTREAM_RETENTION_HOURS"),
+        ({"RETENTION_HOURS": "a week"}, "PIXSTREAM_RETENTION_HOURS"),
         ({"DATA_DIR": ""}, "PIXSTREAM_DATA_DIR"),
     ],
 )

@@ -36,6 +36,9 @@ DEFAULTS: dict[str, Any] = {
     # An idle stream's long polls claim in the database once in this many; the
     # others trust the listener's silence (quiet.py). 1: every poll claims.
     "IDLE_CLAIM_EVERY": 5,
+    # Confirmed messages, finished pulls and closed streams are removed this
+    # many hours after (fractions allowed); unconfirmed messages never are.
+    "RETENTION_HOURS": 168,
     "LOG_FORMAT": "text",
     "LOG_LEVEL": "INFO",
     # Abuse limits, per process (docs/security.md, "Rate and flood limits").
@@ -125,6 +128,7 @@ def validate(config: Config) -> None:
     _number(config, "POOL_TIMEOUT_SECONDS", minimum=0.1, integer=False)
     _number(config, "SWEEP_SECONDS", minimum=0.1, integer=False)
     _number(config, "IDLE_CLAIM_EVERY", minimum=1, integer=True)
+    _number(config, "RETENTION_HOURS", minimum=0.0001, integer=False)
     _number(config, "RATE_PER_ISPB", minimum=0.001, integer=False)
     _number(config, "RATE_BURST", minimum=1, integer=True)
     _number(config, "MAX_REQUESTS_PER_ID", minimum=1, integer=True)

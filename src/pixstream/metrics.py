@@ -59,6 +59,11 @@ CLAIM_DURATION = Histogram(
     "One read transaction: lock, confirm, claim, advance.",
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
 )
+PURGED = Counter(
+    "pixstream_purged",
+    "Rows removed by the retention (PIXSTREAM_RETENTION_HOURS): messages, pulls, streams.",
+    ["what"],
+)
 IDLE_CLAIMS_SKIPPED = Counter(
     "pixstream_idle_claims_skipped",
     "Long polls on an idle stream that waited without a database transaction:"

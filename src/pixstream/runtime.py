@@ -153,12 +153,13 @@ class Runtime:
                 log.exception("writing last-seen times failed")
 
     def _sweep_forever(self) -> None:
-        """Expire abandoned streams even on ISPBs that nobody reads any more."""
+        """Expire abandoned streams, even of ISPBs nobody reads any more; apply the retention."""
         period = self._config["SWEEP_SECONDS"]
         # Jitter keeps the workers of a fleet from sweeping in lockstep.
         while not self._stopping.wait(period * random.uniform(0.5, 1.5)):
             try:
                 self.streams.sweep()
+                self.streams.purge()
             except DatabaseUnavailable as exc:
                 log.warning("sweep skipped: %s", exc)
             except Exception:

@@ -313,3 +313,43 @@ def set_session_limits(
 def set_local_statement_timeout(conn: psycopg.Connection, seconds: float | None) -> None:
     """Bound the statements of this transaction only (None: no limit)."""
     _run(conn, "set_local_statement_timeout", {"timeout": _milliseconds(seconds)})
+
+
+@dataclass(frozen=True, slots=True)
+class Purged:
+    """What one retention batch removed."""
+
+    messages: int = 0
+    pulls: int = 0
+    streams: int = 0
+
+    def __add__(self, other: Purged) -> Purged:
+        return Purged(
+            self.messages + other.messages, self.pulls + other.pulls, self.streams + other.streams
+        )
+
+
+def lock_retention(conn: psycopg.Connection) -> bool:
+    """Take the retention lock until this transaction ends; False if another holds it."""
+    return bool(_run(conn, "lock_retention").fetchone()[0])
+
+
+def purge_confirmed_messages(
+    conn: psycopg.Connection, retention_seconds: float, limit: int, after_id: int = 0
+) -> tuple[Purged, int | None]:
+    """Remove up to ``limit`` messages (ids above ``after_id``) confirmed longer ago than
+    the retention, and the pulls they empty; and the last id removed (None: no more).
+
+    The database's clock decides, not the hosts'.
+    """
+    params = {"retention_seconds": retention_seconds, "limit": limit, "after_id": after_id}
+    messages, pulls, last = _run(conn, "purge_confirmed_messages", params).fetchone()
+    return Purged(int(messages), int(pulls)), None if last is None else int(last)
+
+
+def purge_closed_streams(conn: psycopg.Connection, retention_seconds: float, limit: int) -> Purged:
+    """Remove up to ``limit`` streams closed longer ago than the retention, with their
+    pulls and messages."""
+    params = {"retention_seconds": retention_seconds, "limit": limit}
+    row = _run(conn, "purge_closed_streams", params).fetchone()
+    return Purged(int(row[0]), int(row[1]), int(row[2]))

@@ -115,6 +115,8 @@ class Settings:
     shed_wait_seconds: float = 1.0
     # One long poll in this many on an idle stream claims; the others wait at once (quiet.py).
     idle_claim_every: int = 5
+    # Confirmed messages, and closed streams with their pulls, are removed this long after.
+    retention_seconds: float = 168 * 3600
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -130,6 +132,7 @@ class Settings:
             pool_size=config["POOL_SIZE"],
             shed_wait_seconds=config["SHED_WAIT_SECONDS"],
             idle_claim_every=config["IDLE_CLAIM_EVERY"],
+            retention_seconds=config["RETENTION_HOURS"] * 3600,
         )
 
 
@@ -168,6 +171,7 @@ class StreamService:
         self._touches = Touches()
         listener.on_notify(STREAMS_CHANNEL, self._quiet.closed)
         listener.on_scan(self._rescan_trusted)
+        self._purged_up_to = 0  # where the retention's walk of pix_message goes on
 
     def start(self, ispb: str, batch_size: int, *, idempotency_key: str | None = None) -> Delivery:
         """Open a stream and read from it (long poll).
@@ -294,6 +298,36 @@ class StreamService:
             expired = self._expire(conn, None)
             metrics.STREAMS_OPEN.set(store.count_all_open_streams(conn))
         return len(expired)
+
+    def purge(self, *, batch: int = 1000, budget_seconds: float = 2.0) -> store.Purged:
+        """Remove what the retention no longer keeps, in batches, for at most ``budget_seconds``.
+
+        Each batch is a transaction of its own, under a lock that one process
+        of the fleet holds at a time (the others skip their turn). A pass
+        walks the confirmed messages in id order, then removes closed streams;
+        the next call goes on where this one stopped. Unconfirmed messages and
+        open streams are never removed.
+        """
+        retention = self.settings.retention_seconds
+        total = store.Purged()
+        deadline = time.monotonic() + budget_seconds
+        while time.monotonic() < deadline:
+            with db.transaction(self._pool) as conn:
+                if not store.lock_retention(conn):
+                    break
+                purged, last = store.purge_confirmed_messages(
+                    conn, retention, batch, self._purged_up_to
+                )
+                if last is None:  # the walk reached the retention's frontier
+                    purged += store.purge_closed_streams(conn, retention, batch)
+            self._purged_up_to = last or 0
+            total += purged
+            if last is None and purged.streams < batch:
+                break
+        for what, count in dataclasses.asdict(total).items():
+            if count:
+                metrics.PURGED.labels(what).inc(count)
+        return total
 
     def _expire(self, conn: psycopg.Connection, ispb: str | None) -> list[store.ExpiredStream]:
         idle_seconds = self.settings.idle_seconds

@@ -313,3 +313,75 @@ SELECT set_config('lock_timeout', %(lock_timeout)s, false),
 -- For this transaction only: work that is not a protocol request (seeding's
 -- COPY of a large batch) gets a limit of its own.
 SELECT set_config('statement_timeout', %(timeout)s, true);
+
+-- name: lock_retention
+-- One retention purge at a time across every process and host (the others
+-- skip their turn instead of deleting the same rows).
+SELECT pg_try_advisory_xact_lock(7244, 0);
+
+-- name: purge_confirmed_messages
+-- Retention: up to limit messages whose batch was confirmed longer ago than
+-- the retention, in id order from after_id, and with them the pulls they
+-- leave empty, unless a stream still points at one (its current, replay,
+-- start or closing id). Unconfirmed messages are never touched. Such a
+-- message was inserted before the cutoff too: the walk of the primary key
+-- stops at the first message inserted since (the frontier), and the caller
+-- continues the next batch after the last id this one looked at, so rows
+-- kept (unconfirmed, or confirmed later) are read once per pass, not per batch.
+WITH frontier AS (
+    SELECT coalesce(min(id), 9223372036854775807) AS id FROM pix_message
+    WHERE inserted_at >= now() - make_interval(secs => %(retention_seconds)s)
+), doomed AS (
+    SELECT m.id, m.pull_id
+    FROM pix_message m JOIN pix_pull p ON p.id = m.pull_id
+    WHERE m.id > %(after_id)s AND m.id < (SELECT id FROM frontier)
+      AND p.confirmed_at < now() - make_interval(secs => %(retention_seconds)s)
+    ORDER BY m.id
+    LIMIT %(limit)s
+    FOR UPDATE OF m SKIP LOCKED
+), messages AS (
+    DELETE FROM pix_message m USING doomed d WHERE m.id = d.id RETURNING m.id
+), pulls AS (
+    DELETE FROM pix_pull p
+    USING (SELECT DISTINCT pull_id FROM doomed) d
+    WHERE p.id = d.pull_id
+      AND NOT EXISTS (
+          SELECT FROM pix_stream s
+          WHERE s.id = p.stream_id
+            AND p.id IN (s.current_pull, s.replay_pull, s.start_pull, s.closed_by_pull)
+      )
+      AND NOT EXISTS (
+          SELECT FROM pix_message o
+          WHERE o.pull_id = p.id AND o.id NOT IN (SELECT id FROM doomed)
+      )
+    RETURNING p.id
+)
+SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM pulls),
+       (SELECT max(id) FROM messages);
+
+-- name: purge_closed_streams
+-- Retention: up to limit streams closed longer ago than the retention, with their pulls and
+-- the confirmed messages still bound to those. A stream one of whose pulls
+-- still holds an unconfirmed message (none should: closing gives the batch
+-- back) is left alone, so that no unconfirmed message is ever removed.
+WITH doomed AS (
+    SELECT s.id FROM pix_stream s
+    WHERE s.closed_at < now() - make_interval(secs => %(retention_seconds)s)
+      AND NOT EXISTS (
+          SELECT FROM pix_pull p JOIN pix_message m ON m.pull_id = p.id
+          WHERE p.stream_id = s.id AND p.confirmed_at IS NULL
+      )
+    ORDER BY s.id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), messages AS (
+    DELETE FROM pix_message m USING pix_pull p, doomed d
+    WHERE p.stream_id = d.id AND m.pull_id = p.id
+    RETURNING m.id
+), pulls AS (
+    DELETE FROM pix_pull p USING doomed d WHERE p.stream_id = d.id RETURNING p.id
+), streams AS (
+    DELETE FROM pix_stream s USING doomed d WHERE s.id = d.id RETURNING s.id
+)
+SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM pulls),
+       (SELECT count(*) FROM streams);
