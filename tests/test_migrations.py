@@ -3,6 +3,7 @@ safe when every worker of every host runs it at the same time."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +11,9 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from _streamkit import insert_messages, new_ispb
 from pixstream import migrate
+from pixstream.runtime import runtime
 from pixstream.sql import migrations
 
 ALL = [m.name for m in migrations()]
@@ -143,7 +146,7 @@ def test_schema_has_tables_indexes_trigger(database_url: str) -> None:
     assert "(recipient_ispb, id)" in queued
     assert "WHERE (pull_id IS NULL)" in queued
     assert "WHERE (pull_id IS NOT NULL)" in indexes["pix_message_pull_idx"]
-    assert "(ispb, last_seen_at)" in indexes["pix_stream_open_idx"]
+    assert "(ispb)" in indexes["pix_stream_open_idx"]
     assert "WHERE (closed_at IS NULL)" in indexes["pix_stream_open_idx"]
     assert "(stream_id)" in indexes["pix_pull_stream_idx"]
     keyed = indexes["pix_stream_idempotency_key_idx"]
@@ -231,3 +234,54 @@ def test_bounded_wait_does_not_limit_the_migrations(empty_database: str) -> None
     """lock_timeout bounds the wait for the lock only, not the locks the files then take."""
     migrate.upgrade(empty_database, lock_wait=0.05)
     assert migrate.pending(empty_database) == []
+
+
+def test_a_populated_database_keeps_everything_through_the_later_migrations(
+    empty_database: str, make_app
+) -> None:
+    """Data written under the first five migrations (queued messages, a batch
+    delivered and confirmed, one delivered and not yet confirmed, an open stream)
+    survives the rest, and is collected after them exactly once."""
+    with psycopg.connect(empty_database, autocommit=True) as conn:
+        conn.execute(migrate._CREATE_LEDGER)
+        for migration in migrations():
+            if migration.name >= "0006":
+                break
+            with conn.transaction():
+                conn.execute(migration.sql)  # type: ignore[arg-type]
+                conn.execute(
+                    "INSERT INTO pixstream_migration (name) VALUES (%s)", (migration.name,)
+                )
+        ispb = new_ispb()
+        sent = set(insert_messages(conn, ispb, 23))
+        # A stream as the code of 0005 left it: a confirmed batch of 10, then 10 held.
+        conn.execute(
+            "INSERT INTO pix_stream (ispb, current_pull, start_pull)"
+            " VALUES (%s, 'oldpull000000001', 'oldpull000000001')",
+            (ispb,),
+        )
+        conn.execute(
+            "INSERT INTO pix_pull (id, stream_id, size, confirmed_at) VALUES"
+            " ('oldpull000000001', 1, 10, now()), ('oldpull000000002', 1, 10, NULL)"
+        )
+        conn.execute(
+            "UPDATE pix_message SET pull_id = CASE WHEN id <= 10 THEN 'oldpull000000001'"
+            " ELSE 'oldpull000000002' END, delivery_count = 1 WHERE id <= 20"
+        )
+        conn.execute(
+            "UPDATE pix_stream SET current_pull = 'oldpull000000002',"
+            " replay_pull = 'oldpull000000001'"
+        )
+        confirmed = {e2e for (e2e,) in conn.execute(
+            "SELECT end_to_end_id FROM pix_message WHERE id <= 10")}  # fmt: skip
+    assert migrate.upgrade(empty_database) == [m for m in ALL if m >= "0006"]
+
+    app = make_app(DATABASE_URL=empty_database, LONG_POLL_SECONDS=0.3, POOL_TIMEOUT_SECONDS=1)
+    with app.app_context():
+        streams = runtime().streams
+    replayed = streams.pull(ispb, "oldpull000000001", 10)  # the held batch, replayed
+    delivery = streams.pull(ispb, replayed.pull_next, 10)  # confirms it; the last 3
+    assert streams.pull(ispb, delivery.pull_next, 10).documents == []
+    got = [json.loads(doc)["endToEndId"] for doc in replayed.documents + delivery.documents]
+    assert len(got) == len(set(got)) == 13
+    assert set(got) | confirmed == sent
