@@ -171,6 +171,39 @@ def test_a_delete_on_another_instance_wakes_a_quiet_poll_that_waits(start_two):
     assert answer().status == 410
 
 
+def test_a_poll_that_claimed_before_a_close_leaves_nothing_quiet_behind(start_two):
+    """A's poll claimed (it confirmed a batch), then waits; B closes the stream
+    meanwhile. That poll may still answer 204 (it began before the close), but
+    it must not leave its id to be trusted: the next poll on A answers 410."""
+    window = 2
+    a, b = start_two(LONG_POLL_SECONDS=window, STREAM_IDLE_SECONDS=20, POOL_TIMEOUT_SECONDS=2)
+    ispb = new_ispb()
+    assert a.post(f"/api/util/msgs/{ispb}/1").status == 201
+    reply = a.get(f"/api/pix/{ispb}/stream/start")
+    assert reply.status == 200
+    pull_next = reply.pull_next
+    claims = metric(a, "pixstream_claim_duration_seconds_count")
+    answer: dict[str, Reply] = {}
+
+    def poll() -> None:
+        client = HttpClient(f"http://{a.host}:{a.port}", timeout=15)
+        try:
+            answer["reply"] = client.get(pull_next)
+        finally:
+            client.close()
+
+    waiter = threading.Thread(target=poll)
+    waiter.start()
+    wait_for(
+        lambda: metric(a, "pixstream_claim_duration_seconds_count") > claims,
+        timeout=window, what="A's poll to claim (and confirm) before it waits",
+    )  # fmt: skip
+    assert b.delete(pull_next).status == 200
+    waiter.join(15)
+    assert answer["reply"].status in (204, 410)
+    assert a.get(pull_next).status == 410
+
+
 def test_a_close_sent_while_nobody_listened_is_found_by_the_reconnect_scan(start_two, db):
     """A close whose notification A never got (its listener was down): the scan
     after the reconnect finds the stream closed and wakes the poll trusting it,

@@ -69,6 +69,9 @@ def test_a_close_drops_the_stream_and_wakes_the_polls_trusting_it():
         assert wakeup.wait(0)
     pulls.closed("8")  # after the block: nobody to wake, nothing to fail
     assert not other.wait(0)
+    # A poll that claimed before the close and answers after it leaves nothing behind.
+    pulls.remember("c", quiet(stream_id=8))
+    assert take(pulls, "c") is None
 
 
 def test_a_new_pull_of_a_stream_replaces_its_old_one_and_the_oldest_go_first():

@@ -56,12 +56,18 @@ class QuietPulls:
         self._pull_of: dict[int, str] = {}  # stream id -> its quiet pull id
         self._trusting: defaultdict[int, set[Wakeup]] = defaultdict(set)
         self._trusted_pull: dict[int, str] = {}  # stream id -> the pull its trusting polls use
+        # Streams heard closed: a poll that claimed before the close and answers
+        # after it must not leave its id behind as quiet (closes do not change
+        # the ISPB's mark). Bounded; an id is never reused.
+        self._closed: OrderedDict[int, None] = OrderedDict()
         self._lock = threading.Lock()
 
     def remember(self, pull_id: str, quiet: Quiet) -> None:
         if quiet.skipped + 1 >= self.claim_every:
             return  # its next poll claims anyway
         with self._lock:
+            if quiet.stream_id in self._closed:
+                return
             self._drop_stream(quiet.stream_id)
             self._pulls[pull_id] = quiet
             self._pull_of[quiet.stream_id] = pull_id
@@ -123,6 +129,10 @@ class QuietPulls:
             stream_id = int(payload)
         except ValueError:
             return
+        with self._lock:
+            self._closed[stream_id] = None
+            while len(self._closed) > self._capacity:
+                self._closed.popitem(last=False)
         self.moved(stream_id)
 
     def moved(self, stream_id: int) -> None:
