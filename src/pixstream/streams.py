@@ -502,7 +502,8 @@ class StreamService:
 
         ``mark`` was taken before the claim that found nothing (or, for a poll
         that skipped it, before the claim it trusted): a notification for the
-        ISPB since then may mean messages, or a stream closed elsewhere.
+        ISPB since then may mean messages. (Closes come by stream id, and
+        QuietPulls remembers them.)
         """
         stream_id = delivery.quiet_stream
         if delivery.documents or stream_id is None or mark is None:
