@@ -145,7 +145,7 @@ class Listener:
         # every message its notifications may have missed, for every waiter.
         self._scanned = 0
         # Notifications handed out per ISPB (quiet.py): a mark that is unchanged
-        # means nothing was inserted, given back, closed or expired since.
+        # means no message of the ISPB was inserted or given back since.
         self._notified: defaultdict[str, int] = defaultdict(int)
 
     @property
