@@ -140,3 +140,19 @@ def close_all(clients: Iterable[HttpClient]) -> None:
     """Close keep-alive connections, so that a server stops without waiting on them."""
     for client in clients:
         client.close()
+
+
+def metric_values(http: HttpClient, name: str) -> dict[str, float]:
+    """Every sample of metric ``name`` on the server, by its labels ("" when none)."""
+    values = {}
+    # A fresh connection: a keep-alive one idle for 5 s (gunicorn's keepalive) is closed.
+    for line in http.request("GET", "/metrics", fresh=True).body.decode().splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+            sample, value = line.rsplit(" ", 1)
+            values[sample[len(name) :].strip()] = float(value)
+    return values
+
+
+def metric(http: HttpClient, name: str) -> float:
+    """Metric ``name`` on the server, its samples summed (0 when absent)."""
+    return sum(metric_values(http, name).values())

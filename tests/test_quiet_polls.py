@@ -22,7 +22,16 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from _streamkit import app_name, close_all, e2e_ids, listener_pids, new_ispb, wait_for, warm_up
+from _streamkit import (
+    app_name,
+    close_all,
+    e2e_ids,
+    listener_pids,
+    metric,
+    new_ispb,
+    wait_for,
+    warm_up,
+)
 from conftest import Server
 from httpclient import HttpClient, Reply
 
@@ -35,14 +44,6 @@ QUIET = {
     "SWEEP_SECONDS": 0.3,
 }
 CLAIM_EVERY = 5
-
-
-def metric(http: HttpClient, name: str) -> float:
-    """One unlabelled sample of the server's /metrics (0 if absent)."""
-    for line in http.get("/metrics").body.decode().splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 @pytest.fixture

@@ -39,6 +39,8 @@ from _streamkit import (
     close_all,
     insert_messages,
     listener_pids,
+    metric,
+    metric_values,
     new_ispb,
     wait_for,
 )
@@ -161,21 +163,6 @@ spec = json.loads(sys.stdin.readline())
 raise_nofile(len(spec["requests"]) + 256)
 asyncio.run(main(spec))
 """
-
-
-def metric_values(http: HttpClient, name: str) -> dict[str, float]:
-    """Every sample of metric ``name`` on the server, by its labels ("" when none)."""
-    values = {}
-    # A fresh connection: a keep-alive one idle for 5 s (gunicorn's keepalive) is closed.
-    for line in http.request("GET", "/metrics", fresh=True).body.decode().splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
-            sample, value = line.rsplit(" ", 1)
-            values[sample[len(name) :].strip()] = float(value)
-    return values
-
-
-def metric(http: HttpClient, name: str) -> float:
-    return sum(metric_values(http, name).values())
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from _pgproxy import CommitDelayProxy
-from _streamkit import MULTIPART, close_all, e2e_ids, insert_messages, new_ispb, wait_for
+from _streamkit import MULTIPART, close_all, e2e_ids, insert_messages, metric, new_ispb, wait_for
 from conftest import Server, suite_authorization
 from httpclient import HttpClient
 from test_flood import Collector, refused
@@ -163,13 +163,6 @@ def test_a_woken_start_whose_claim_fails_answers_204_with_its_stream_not_503(
     assert reply.status == 200 and e2e_ids(reply) == sent, (reply.status, reply.body[:200])
     assert other.delete(reply.pull_next).status == 200
     close_all([other, server.http])
-
-
-def metric(http: HttpClient, name: str) -> float:
-    for line in http.get("/metrics").body.decode().splitlines():
-        if line.startswith(f"{name} "):
-            return float(line.split()[-1])
-    return 0.0
 
 
 def test_a_start_whose_commit_is_heard_too_late_answers_with_its_stream(database_url, db):
