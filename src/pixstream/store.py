@@ -1,9 +1,11 @@
-"""Every statement of the collection protocol and of seeding, from sql/queries.sql.
+"""The service's statements (collection, credentials, retention, seeding), from sql/queries.sql.
 
 Every function takes the caller's connection: the caller owns the transaction,
 this module owns the statements. Two modules run SQL of their own: migrate.py
 applies the migrations (with its ledger table and advisory lock), and
-listener.py runs ``LISTEN`` and its liveness probe on its own connection."""
+listener.py runs on its own connection what only that connection needs: its
+session settings, ``LISTEN``, the liveness probe and the reconnect scan of
+queued ISPBs."""
 
 from __future__ import annotations
 
