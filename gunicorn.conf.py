@@ -63,6 +63,20 @@ def on_starting(server):
     os.makedirs(path, exist_ok=True)
 
 
+def when_ready(server):
+    """Serve /metrics on PIXSTREAM_METRICS_BIND, if set, from the master (metrics_bind)."""
+    bind = os.environ.get("PIXSTREAM_METRICS_BIND")
+    if bind:
+        from pixstream import metrics_bind  # standard library and prometheus_client only
+
+        try:
+            metrics_bind.serve(bind)
+        except (ValueError, OSError) as exc:
+            server.log.error("PIXSTREAM_METRICS_BIND: %s", exc)
+            raise SystemExit(1) from exc
+        server.log.info("serving /metrics on %s", bind)
+
+
 def child_exit(server, worker):
     from prometheus_client import multiprocess
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from flask import Config
 
+from pixstream import metrics_bind
 from pixstream.errors import ConfigError
 
 ENV_PREFIX = "PIXSTREAM"
@@ -57,6 +58,8 @@ DEFAULTS: dict[str, Any] = {
     "MTLS_HEADER": "X-SSL-Client-Cert",
     "TRUSTED_PROXIES": [],
     "METRICS_TOKEN": None,
+    # host:port where gunicorn's master serves /metrics instead of the public port.
+    "METRICS_BIND": None,
     "CREDENTIAL_CACHE_SECONDS": 30,
 }
 
@@ -88,7 +91,7 @@ def load(config: Config, test_config: Mapping[str, Any] | None) -> None:
     if f"{ENV_PREFIX}_DATA_DIR" in os.environ:
         config["DATA_DIR"] = os.environ[f"{ENV_PREFIX}_DATA_DIR"]
     # Secrets and header names are strings as written: a numeric token must keep its zeros.
-    for key in ("METRICS_TOKEN", "MTLS_HEADER"):
+    for key in ("METRICS_TOKEN", "MTLS_HEADER", "METRICS_BIND"):
         if f"{ENV_PREFIX}_{key}" in os.environ:
             config[key] = os.environ[f"{ENV_PREFIX}_{key}"]
     if test_config is not None:
@@ -226,4 +229,11 @@ def _access(config: Config) -> None:
         raise ConfigError(
             f"{_env_name('METRICS_TOKEN')} must be 16 or more characters of A-Z a-z 0-9 -._~+/"
         )
+    if config["METRICS_BIND"] == "":
+        config["METRICS_BIND"] = None
+    if config["METRICS_BIND"] is not None:
+        try:
+            metrics_bind.parse_bind(str(config["METRICS_BIND"]))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     _number(config, "CREDENTIAL_CACHE_SECONDS", minimum=0, integer=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import NotFound
 
 from pixstream import metrics
 from pixstream.api import auth
@@ -69,6 +70,9 @@ def prometheus_metrics() -> Response:
     With PIXSTREAM_METRICS_TOKEN set, only a scraper sending it as a bearer
     token gets an answer.
     """
+    if current_app.config["METRICS_BIND"] is not None:
+        # Served by gunicorn's master on that address instead (pixstream.metrics_bind).
+        raise NotFound("/metrics is served on PIXSTREAM_METRICS_BIND, not on this port")
     token = current_app.config["METRICS_TOKEN"]
     if token is not None and not auth.metrics_token_ok(token, request.headers.get("Authorization")):
         raise Unauthorized(
