@@ -510,6 +510,39 @@ def test_metrics_token(make_app: Callable[..., Flask]) -> None:
     assert b'pixstream_auth_mode{mode="none"} 1.0' in reply.data
 
 
+@pytest.mark.server
+def test_metrics_on_a_separate_bind(start_server: Callable[..., Server]) -> None:
+    """PIXSTREAM_METRICS_BIND: the master serves the workers' metrics there, the public port 404."""
+    secret = secrets.token_urlsafe(32)
+    port = free_port()
+    server = start_server(workers=2, METRICS_BIND=f"127.0.0.1:{port}", METRICS_TOKEN=secret)
+    assert_problem(server.http.request("GET", "/metrics"), 404)
+    ispb = new_ispb()
+    start = server.http.request("GET", f"/api/pix/{ispb}/stream/start")
+    assert start.status in (200, 204)
+    internal = HttpClient(f"http://127.0.0.1:{port}")
+    try:
+        refused = internal.request("GET", "/metrics")
+        assert_problem(refused, 401)
+        assert refused.header("WWW-Authenticate") == 'Bearer realm="pixstream-metrics"'
+        reply = internal.request("GET", "/metrics", {"Authorization": f"Bearer {secret}"})
+        assert reply.status == 200
+        assert (reply.header("Content-Type") or "").startswith("text/plain; version=0.0.4")
+        text = reply.body.decode()
+        # Summed over the workers' files: the start above is counted.
+        assert re.search(r"^pixstream_streams_opened_total [1-9]", text, re.MULTILINE), text
+        assert "pixstream_auth_mode{mode=" in text
+        assert_problem(internal.request("GET", "/other"), 404)
+    finally:
+        internal.close()
+
+
+def test_metrics_bind_must_be_an_address(make_app: Callable[..., Flask]) -> None:
+    for bad in ("9100", "localhost:9100", "127.0.0.1:0", "127.0.0.1:x", "[::1]:99999"):
+        with pytest.raises(ConfigError, match="PIXSTREAM_METRICS_BIND"):
+            make_app(METRICS_BIND=bad)
+
+
 def test_metrics_open_without_a_token_and_say_the_mode(make_app: Callable[..., Flask]) -> None:
     reply = make_app(AUTH="token").test_client().get("/metrics")
     assert reply.status_code == 200
