@@ -134,6 +134,19 @@ def client(app: Flask) -> FlaskClient:
     return app.test_client()
 
 
+def skip_without(tool: str, path: str | None) -> str:
+    """``path`` of an external tool a test drives; skip when it is missing, unless required.
+
+    CI lists the tools it installs in PIXSTREAM_TEST_REQUIRE (comma-separated),
+    so that a failed install fails those tests instead of skipping them quietly.
+    """
+    if path is not None:
+        return path
+    if tool in os.environ.get("PIXSTREAM_TEST_REQUIRE", "").split(","):
+        pytest.fail(f"{tool} is required here (PIXSTREAM_TEST_REQUIRE) but not installed")
+    pytest.skip(f"{tool} is not installed")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -34,7 +34,7 @@ from flask import config as flask_config
 from flask.testing import FlaskClient
 
 from _streamkit import insert_messages, new_ispb, wait_for
-from conftest import ROOT, Server, free_port, with_dbname
+from conftest import ROOT, Server, free_port, skip_without, with_dbname
 from httpclient import HttpClient
 from pixstream import config
 from pixstream.access import AccessService
@@ -810,13 +810,13 @@ class Nginx:
 
 
 @pytest.mark.server
-@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_shipped_nginx_example_binds_requests_to_certificates(
     start_server: Callable[..., Server],
     make_app: Callable[..., Flask],
     db: psycopg.Connection,
     pki: Pki,
 ) -> None:
+    skip_without("nginx", shutil.which("nginx"))
     service = access(make_app(AUTH="mtls", TRUSTED_PROXIES="127.0.0.1"))
     ispb, other = new_ispb(), new_ispb()
     service.add_certificate(ispb, pki.bank_pem, "bank")

@@ -26,6 +26,7 @@ from urllib.parse import quote
 
 import pytest
 
+from conftest import skip_without
 from pixstream.api.docs import openapi_document
 
 BINARY = next(
@@ -217,13 +218,12 @@ class Browser:
 
 @pytest.fixture
 def browser() -> Iterator[Browser]:
-    if BINARY is None:
-        pytest.skip("no chromium binary on PATH (CI installs the Debian package 'chromium')")
+    binary = skip_without("chromium", BINARY)  # CI installs the Debian package 'chromium'
     with (
         tempfile.TemporaryDirectory(prefix="pixstream-chromium-") as profile,
         open(Path(profile) / "chromium.log", "wb") as log,
     ):
-        opened = Browser(BINARY, profile, log)
+        opened = Browser(binary, profile, log)
         try:
             yield opened
         finally:
