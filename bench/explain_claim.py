@@ -128,7 +128,11 @@ def analyze(conn: psycopg.Connection) -> None:
 
 
 def explain(conn: psycopg.Connection, query: str, limit: int) -> tuple[str, float]:
-    sql = psycopg.ClientCursor(conn).mogrify(query, {"ispb": TARGET, "pull": PULL, "limit": limit})
+    """The plan and time of a read's claim (run, then rolled back) for TARGET."""
+    (stream_id,) = conn.execute("SELECT min(id) FROM pix_stream").fetchone()  # type: ignore[misc]
+    params = {"ispb": TARGET, "pull": PULL, "limit": limit, "stream_id": stream_id,
+              "used": PULL, "answer_in": 8.0}  # fmt: skip
+    sql = psycopg.ClientCursor(conn).mogrify(query, params)
     with conn.transaction(force_rollback=True):
         lines = [row[0] for row in conn.execute(f"EXPLAIN (ANALYZE, BUFFERS)\n{sql}")]
     text = "\n".join(lines)
@@ -138,8 +142,8 @@ def explain(conn: psycopg.Connection, query: str, limit: int) -> tuple[str, floa
 
 def report(conn: psycopg.Connection, title: str, summary: dict[str, float]) -> None:
     for limit in (10, 1):
-        text, ms = explain(conn, QUERIES["claim_batch"], limit)
-        print(f"\n=== {title}: claim_batch for {TARGET}, LIMIT {limit} ===\n{text}")
+        text, ms = explain(conn, QUERIES["confirm_claim_advance"], limit)
+        print(f"\n=== {title}: confirm_claim_advance for {TARGET}, LIMIT {limit} ===\n{text}")
         summary[f"{title} limit {limit} ms"] = ms
 
 

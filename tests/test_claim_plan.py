@@ -2,7 +2,8 @@
 
 Each scenario loads 200,000 messages for five ISPBs into a database of its own
 (once per scenario, with INSERT ... SELECT generate_series), analyses it, and
-explains the real ``claim_batch`` statement with its parameters substituted.
+explains the real claim (the ``confirm_claim_advance`` statement a read runs)
+with its parameters substituted.
 
 Scenarios, by the share of the table already collected (bound to a confirmed
 pull) with the queued rows the newest:
@@ -46,6 +47,15 @@ ROWS = 200_000
 CLOSED_STREAMS = 20_000
 ISPBS = ("32074986", "60701190", "18236120", "00360305", "90400888")
 PULL = "claimplan0000000000000000"
+CLAIM = "confirm_claim_advance"
+
+
+def claim_params(ispb: str, limit: int, stream_id: int = 1) -> dict[str, Any]:
+    """The claim's parameters: a read of stream ``stream_id`` that used a pull of the history."""
+    return {"ispb": ispb, "pull": PULL, "limit": limit, "stream_id": stream_id,
+            "used": "histpull00000001", "answer_in": 8.0}  # fmt: skip
+
+
 SCENARIOS = {"tail-queued": 0.999, "half-collected": 0.5, "all-queued": 0.0}
 
 
@@ -134,9 +144,8 @@ def nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def explain(conn: psycopg.Connection, ispb: str, limit: int) -> tuple[list[dict[str, Any]], str]:
-    """The scans of pix_message in claim_batch's plan, and the plan as text."""
-    params = {"ispb": ispb, "pull": PULL, "limit": limit}
-    sql = psycopg.ClientCursor(conn).mogrify(QUERIES["claim_batch"], params)
+    """The scans of pix_message in the claim's plan, and the plan as text."""
+    sql = psycopg.ClientCursor(conn).mogrify(QUERIES[CLAIM], claim_params(ispb, limit))
     assert "%(" not in sql, sql
     (document,) = conn.execute(f"EXPLAIN (FORMAT JSON)\n{sql}").fetchone()  # type: ignore[misc]
     if isinstance(document, str):
@@ -195,13 +204,8 @@ def test_explained_statement_claims_the_oldest_queued(conn: psycopg.Connection) 
             " ORDER BY id LIMIT 10) AS t",
             (ISPBS[0],),
         ).fetchone()  # type: ignore[misc]
-        # pull_id references pix_pull (deferred): give the claim a pull to bind to.
-        conn.execute(
-            "INSERT INTO pix_pull (id, stream_id) SELECT %s, min(id) FROM pix_stream", (PULL,)
-        )
-        rows = conn.execute(
-            QUERIES["claim_batch"], {"ispb": ISPBS[0], "pull": PULL, "limit": 10}
-        ).fetchall()
+        (stream_id,) = conn.execute("SELECT min(id) FROM pix_stream").fetchone()  # type: ignore[misc]
+        rows = conn.execute(QUERIES[CLAIM], claim_params(ISPBS[0], 10, stream_id)).fetchall()
     assert len(oldest) == 10
     assert [json.loads(row[0])["endToEndId"] for row in rows] == oldest
 
@@ -270,7 +274,7 @@ IDLE = {"idle_seconds": 60.0}
 
 @pytest.mark.parametrize("limit", [1, 10])
 def test_prepared_claim_reads_the_queued_index(conn: psycopg.Connection, limit: int) -> None:
-    plan, text = generic_plan(conn, "claim_batch", {"ispb": ISPBS[0], "pull": PULL, "limit": limit})
+    plan, text = generic_plan(conn, CLAIM, claim_params(ISPBS[0], limit))
     finders = [
         n for n in scans_of(plan, "pix_message") if "claimable" not in n.get("Index Cond", "")
     ]
@@ -283,7 +287,9 @@ def test_prepared_claim_reads_the_queued_index(conn: psycopg.Connection, limit: 
 def test_prepared_stream_lock_finds_the_stream_by_keys(conn: psycopg.Connection) -> None:
     plan, text = generic_plan(conn, "lock_stream_by_pull", {"pull": "strmpull00000001", **IDLE})
     assert index_names(plan, "pix_pull") == {"pix_pull_pkey"}, text
-    assert index_names(plan, "pix_stream") == {"pix_stream_pkey"}, text
+    # The stream by its key; whether its ISPB has an idle stream by the open streams' index.
+    assert index_names(plan, "pix_stream") == {"pix_stream_pkey", "pix_stream_open_idx"}, text
+    assert "ispb = s.ispb" in text or "ispb = s_1.ispb" in text or "(ispb = s" in text, text
     assert "Seq Scan" not in text
 
 

@@ -29,12 +29,16 @@ def test_stream_and_pull_updates_of_a_read_are_hot(database_url: str) -> None:
         insert_messages(conn, ispb, 2)
         with conn.transaction():
             stream_id = store.insert_stream(conn, ispb, "hotpull000000001", idempotency_key=None)
-            store.claim_batch(conn, ispb, "hotpull000000002", 10)
-            store.advance_stream(conn, stream_id, "hotpull000000002", size=2,
-                                 replay="hotpull000000001")  # fmt: skip
+            store.confirm_claim_advance(
+                conn, ispb, stream_id=stream_id, used="hotpull000000001",
+                pull="hotpull000000002", limit=10, answer_in=8.0,
+            )  # fmt: skip
         steps = [
             ("pix_pull", lambda: store.confirm_pull(conn, "hotpull000000002")),
-            ("pix_stream", lambda: store.supersede_replay(conn, stream_id, 8.0)),
+            # Nothing left to claim: the read only supersedes the stream's replay.
+            ("pix_stream", lambda: store.confirm_claim_advance(
+                conn, ispb, stream_id=stream_id, used="hotpull000000002",
+                pull="hotpull000000003", limit=10, answer_in=8.0)),
             ("pix_stream", lambda: store.touch_stream(conn, stream_id)),
             ("pix_stream", lambda: store.touch_quiet_streams(
                 conn, [(stream_id, "hotpull000000002", 8.0)])),

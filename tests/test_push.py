@@ -187,23 +187,23 @@ def test_commit_between_the_empty_claim_and_the_wait_is_not_lost(
 
     monkeypatch.setattr(listener, "_wake", observed_wake)
 
-    claim_batch = store.claim_batch
+    claim = store.confirm_claim_advance
     race: dict[str, Any] = {"claims": 0}
 
     def claim_then_commit_elsewhere(
-        conn: psycopg.Connection, claim_ispb: str, pull: str, limit: int
-    ) -> store.Claimed:
-        claimed = claim_batch(conn, claim_ispb, pull, limit)
+        conn: psycopg.Connection, claim_ispb: str, **params: Any
+    ) -> store.Read:
+        claimed = claim(conn, claim_ispb, **params)
         if claim_ispb == ispb:
             race["claims"] += 1
             if race["claims"] == 1:
-                race["first_claim_empty"] = not claimed.documents
+                race["first_claim_empty"] = not claimed.claimed.documents
                 with psycopg.connect(database_url, autocommit=True) as other:
                     race["inserted"] = insert_messages(other, ispb, 1)
                 race["fanned_out"] = fanned_out.wait(5)
         return claimed
 
-    monkeypatch.setattr(store, "claim_batch", claim_then_commit_elsewhere)
+    monkeypatch.setattr(store, "confirm_claim_advance", claim_then_commit_elsewhere)
     client = app.test_client()
     started = time.monotonic()
     reply = client.get(f"/api/pix/{ispb}/stream/start")

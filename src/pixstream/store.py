@@ -31,6 +31,7 @@ class StreamRow:
     closed_by_pull: str | None  # the id a DELETE closed it with
     idle: bool
     current_confirmed: bool
+    idle_in_ispb: bool  # some open stream of the ISPB (this one too) is past its idle window
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +40,14 @@ class Claimed:
 
     documents: list[str]
     redelivered: int
+
+
+@dataclass(frozen=True, slots=True)
+class Read:
+    """What a read's statement did: the batch it claimed, and how many it confirmed."""
+
+    claimed: Claimed
+    confirmed: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,34 +120,35 @@ def confirm_pull(conn: psycopg.Connection, pull: str) -> int:
     return 0 if row is None else int(row[0])
 
 
-def claim_batch(conn: psycopg.Connection, ispb: str, pull: str, limit: int) -> Claimed:
-    rows = _run(conn, "claim_batch", {"ispb": ispb, "pull": pull, "limit": limit}).fetchall()
-    return Claimed([doc for doc, _ in rows], sum(1 for _, again in rows if again))
+def confirm_claim_advance(
+    conn: psycopg.Connection,
+    ispb: str,
+    *,
+    stream_id: int,
+    used: str,
+    pull: str,
+    limit: int,
+    answer_in: float,
+) -> Read:
+    """Confirm ``used``, claim up to ``limit`` messages under ``pull``, move the stream on.
+
+    One round trip: a read's cost is its round trips (see the statement's comment).
+    """
+    params = {"ispb": ispb, "stream_id": stream_id, "used": used, "pull": pull,
+              "limit": limit, "answer_in": answer_in}  # fmt: skip
+    rows = _run(conn, "confirm_claim_advance", params).fetchall()
+    documents = [doc for doc, _, _ in rows if doc is not None]
+    redelivered = sum(1 for doc, again, _ in rows if doc is not None and again)
+    return Read(Claimed(documents, redelivered), int(rows[0][2] or 0))
 
 
 def batch_documents(conn: psycopg.Connection, pull: str) -> list[str]:
     return [doc for (doc,) in _run(conn, "batch_documents", {"pull": pull})]
 
 
-def advance_stream(
-    conn: psycopg.Connection, stream_id: int, pull: str, *, size: int, replay: str
-) -> None:
-    """Make ``pull`` (whose batch was just claimed) current; a repeat of ``replay`` replays it."""
-    _run(conn, "advance_stream", {"stream_id": stream_id, "pull": pull, "size": size,
-                                  "replay": replay})  # fmt: skip
-
-
 def touch_stream(conn: psycopg.Connection, stream_id: int) -> None:
     """Record a request on the stream: it is not idle."""
     _run(conn, "touch_stream", {"stream_id": stream_id})
-
-
-def supersede_replay(conn: psycopg.Connection, stream_id: int, answer_in: float) -> None:
-    """The current pull was used: older ids answer 410 from now on.
-
-    The request counts as made when its answer is due, ``answer_in`` seconds on.
-    """
-    _run(conn, "supersede_replay", {"stream_id": stream_id, "answer_in": answer_in})
 
 
 def touch_quiet_streams(conn: psycopg.Connection, owed: Sequence[tuple[int, str, float]]) -> None:

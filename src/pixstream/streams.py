@@ -717,10 +717,11 @@ class StreamService:
             return Delivery(stream.current_pull, store.batch_documents(conn, stream.current_pull))
         if pull_id != stream.current_pull:
             return None
-        if not stream.current_confirmed:
-            metrics.MESSAGES_CONFIRMED.inc(store.confirm_pull(conn, pull_id))
         # Lazy expiry: batches abandoned by idle streams become claimable now.
-        self._expire(conn, ispb)
+        # The lock said whether the ISPB has any, so a read pays for it only then.
+        if stream.idle_in_ispb:
+            self._expire(conn, ispb)
+        # The batch of pull_id is confirmed by the same statement that claims.
         return self._claim(conn, ispb, stream.id, pull_id, batch_size, answer_in)
 
     def _claim(
@@ -732,19 +733,25 @@ class StreamService:
         batch_size: int,
         answer_in: float,
     ) -> Delivery:
-        """Claim the next batch for a stream whose current pull ``used_pull`` was just used.
+        """Confirm and claim for a stream whose current pull ``used_pull`` was just used.
 
-        An empty claim dates the stream's last request to when its answer is
-        due (``answer_in`` seconds on), since idleness counts from the end of
-        the last response and that answer may come without another transaction.
+        One statement (a read's round trips are its cost): it confirms the
+        batch of ``used_pull``, claims the next and moves the stream on. An
+        empty claim dates the stream's last request to when its answer is due
+        (``answer_in`` seconds on), since idleness counts from the end of the
+        last response and that answer may come without another transaction.
         """
         next_pull = new_pull_id()
-        claimed = store.claim_batch(conn, ispb, next_pull, batch_size)
+        read = store.confirm_claim_advance(
+            conn, ispb, stream_id=stream_id, used=used_pull, pull=next_pull,
+            limit=batch_size, answer_in=answer_in,
+        )  # fmt: skip
+        if read.confirmed:
+            metrics.MESSAGES_CONFIRMED.inc(read.confirmed)
+        claimed = read.claimed
         if not claimed.documents:
-            store.supersede_replay(conn, stream_id, answer_in)
             return Delivery(used_pull, [], stream_id)
         size = len(claimed.documents)
-        store.advance_stream(conn, stream_id, next_pull, size=size, replay=used_pull)
         metrics.MESSAGES_DELIVERED.inc(size)
         if claimed.redelivered:
             metrics.MESSAGES_REDELIVERED.inc(claimed.redelivered)

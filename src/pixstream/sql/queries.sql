@@ -49,7 +49,13 @@ VALUES (%(pull)s, %(stream_id)s, %(size)s, CASE WHEN %(confirmed)s THEN now() EN
 SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.close_reason, s.closed_by_pull,
        s.last_seen_at < now() - make_interval(secs => %(idle_seconds)s) AS idle,
        coalesce((SELECT p.confirmed_at IS NOT NULL FROM pix_pull p WHERE p.id = s.current_pull),
-                false) AS current_confirmed
+                false) AS current_confirmed,
+       -- Whether a lazy expiry would find anything: a read runs that statement
+       -- only then (now() is the transaction's, so both agree).
+       EXISTS (SELECT FROM pix_stream o
+               WHERE o.ispb = s.ispb AND o.closed_at IS NULL
+                 AND o.last_seen_at < now() - make_interval(secs => %(idle_seconds)s))
+           AS idle_in_ispb
 FROM pix_stream s
 WHERE s.id = (SELECT x.stream_id FROM pix_pull x WHERE x.id = %(pull)s)
 FOR UPDATE;
@@ -59,10 +65,25 @@ FOR UPDATE;
 UPDATE pix_pull SET confirmed_at = now() WHERE id = %(pull)s AND confirmed_at IS NULL
 RETURNING size;
 
--- name: claim_batch
--- The oldest queued messages of the ISPB, skipping rows another stream is
--- claiming right now, bound to the pull they will be delivered with.
-WITH claimable AS (
+-- name: confirm_claim_advance
+-- The body of a read, in one round trip: confirm the batch of the pull just
+-- used (if unconfirmed), claim the ISPB's oldest queued messages, skipping
+-- rows another stream is claiming right now, bind them to the new pull, then
+-- either make that pull current (a repeat of the used pull replays it) or,
+-- when nothing was claimed, supersede the replay: older ids answer 410 from
+-- now on, and idleness counts from the end of the answer, which a long poll
+-- gives answer_in seconds on. The caller holds the stream's row lock
+-- (lock_stream_by_pull). A data-modifying
+-- CTE sees none of the others' changes, only what they return: the stream's
+-- update reads the claim's count through "tally". The pull row is inserted in
+-- the same statement as the messages that point to it, which the deferred
+-- foreign key allows. One row comes back even when nothing was claimed (its
+-- document is NULL), to carry the count of messages confirmed.
+WITH confirmed AS (
+    UPDATE pix_pull SET confirmed_at = now()
+    WHERE id = %(used)s AND confirmed_at IS NULL
+    RETURNING size
+), claimable AS (
     SELECT id FROM pix_message
     -- The ISPB as a range, not an equality, with ORDER BY recipient_ispb, id:
     -- only the queued index (recipient_ispb, id) WHERE pull_id IS NULL yields
@@ -78,32 +99,30 @@ WITH claimable AS (
     SET pull_id = %(pull)s, delivery_count = m.delivery_count + 1
     FROM claimable
     WHERE m.id = claimable.id
-    RETURNING m.id, m.delivery_count, pix_message_document(m) AS document
+    RETURNING m.id, m.delivery_count > 1 AS redelivered, pix_message_document(m) AS document
+), tally AS (
+    SELECT count(*) AS size FROM claimed
+), new_pull AS (
+    INSERT INTO pix_pull (id, stream_id, size)
+    SELECT %(pull)s, %(stream_id)s, t.size FROM tally t WHERE t.size > 0
+), moved AS (
+    UPDATE pix_stream s
+    SET current_pull = CASE WHEN t.size > 0 THEN %(pull)s ELSE s.current_pull END,
+        replay_pull = CASE WHEN t.size > 0 THEN %(used)s END,
+        last_seen_at = CASE WHEN t.size > 0 THEN now()
+                            ELSE now() + make_interval(secs => %(answer_in)s) END
+    FROM tally t
+    WHERE s.id = %(stream_id)s
 )
-SELECT document, delivery_count > 1 AS redelivered FROM claimed ORDER BY id;
+SELECT c.document, c.redelivered, (SELECT size FROM confirmed) AS confirmed
+FROM (SELECT) AS one LEFT JOIN claimed c ON true
+ORDER BY c.id;
 
 -- name: batch_documents
 SELECT pix_message_document(m) FROM pix_message m WHERE m.pull_id = %(pull)s ORDER BY m.id;
 
--- name: advance_stream
--- Record the new pull and make it current, in one round trip (a data-modifying
--- CTE runs whether or not it is referenced).
-WITH new_pull AS (
-    INSERT INTO pix_pull (id, stream_id, size) VALUES (%(pull)s, %(stream_id)s, %(size)s)
-)
-UPDATE pix_stream
-SET current_pull = %(pull)s, replay_pull = %(replay)s, last_seen_at = now()
-WHERE id = %(stream_id)s;
-
 -- name: touch_stream
 UPDATE pix_stream SET last_seen_at = now() WHERE id = %(stream_id)s;
-
--- name: supersede_replay
--- The current pull was used: older ids are superseded from now on. Idleness
--- counts from the end of the answer, which a long poll gives answer_in seconds on.
-UPDATE pix_stream
-SET replay_pull = NULL, last_seen_at = now() + make_interval(secs => %(answer_in)s)
-WHERE id = %(stream_id)s;
 
 -- name: touch_quiet_streams
 -- Last-seen times owed by long polls that waited without a transaction
