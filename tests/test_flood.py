@@ -161,6 +161,9 @@ def test_a_flood_on_one_id_does_not_slow_another_ispbs_collector(start_server, d
             flood_started = time.perf_counter()
             with ThreadPoolExecutor(1) as reader:
                 output = reader.submit(flood.stdout.read)
+                # A push landing as the flood arrives: it waits for the worker's
+                # CPU, which answering the flood takes for a moment.
+                arriving = collector.push()
                 admitted = 16  # MAX_REQUESTS_PER_ID
                 wait_for(
                     lambda: refused(server.http, "flood") == flood_size - admitted,
@@ -184,12 +187,17 @@ def test_a_flood_on_one_id_does_not_slow_another_ispbs_collector(start_server, d
     print(
         f"\nflood of {flood_size} on one id: {dict(statuses)} in {flood_seconds * 1000:.0f} ms;"
         f" other ISPB's push latency: baseline max {max(baseline) * 1000:.1f} ms,"
+        f" as the flood arrives {arriving * 1000:.1f} ms,"
         f" while the flood waits max {max(during) * 1000:.1f} ms;"
         f" worker CPU {cpu * 1000:.0f} ms (~1 ms per refused request)"
     )
     # Room for a loaded CI machine; starvation would show as a 10 s timeout.
     assert max(baseline) <= 0.1, baseline
     assert max(during) <= 0.1, during
+    # It shares the worker's CPU with the burst (70-90 ms of it on a quiet
+    # machine, several times that when the machine is busy), so the bound
+    # catches starvation (a 10 s timeout, or the pool's 3 s), not the latency.
+    assert arriving <= 1.0, arriving
     assert statuses == {200: admitted, 409: flood_size - admitted}, statuses
     same = {(r.pull_next, r.body) for r in replies if r.status == 200}
     assert len(same) == 1, "the 200s differ"  # the same answer, replayed
