@@ -109,12 +109,35 @@ def db(database_url: str) -> Iterator[psycopg.Connection]:
         yield conn
 
 
+class TokenClient(FlaskClient):
+    """A test client that, in token mode, sends its path's ISPB token (as HttpClient does)."""
+
+    def open(self, *args: Any, **kwargs: Any) -> Any:
+        path = args[0] if args and isinstance(args[0], str) else kwargs.get("path", "")
+        headers = dict(kwargs.pop("headers", None) or {})
+        if _suite_tokens is not None and not any(k.lower() == "authorization" for k in headers):
+            bearer = _suite_tokens.header_in(self.application.config["DATABASE_URL"], path)
+            if bearer is not None:
+                headers["Authorization"] = bearer
+        return super().open(*args, headers=headers, **kwargs)
+
+
 @pytest.fixture
 def make_app(database_url: str) -> Iterator[Callable[..., Flask]]:
+    """Apps on the test database. With PIXSTREAM_TEST_AUTH=token, an app whose test
+    chose no AUTH runs in token mode and its test client sends each path's token, so
+    that the protocol tests run behind access control too."""
     apps: list[Flask] = []
 
     def factory(**overrides: Any) -> Flask:
-        app = create_app({"DATABASE_URL": database_url, **FAST_SETTINGS, **overrides})
+        settings = {"DATABASE_URL": database_url, **FAST_SETTINGS, **overrides}
+        if TEST_AUTH == "token" and "AUTH" not in overrides:
+            settings["AUTH"] = "token"
+            app = create_app(settings)
+            # A test that chose its mode sends the credentials it means to send.
+            app.test_client_class = TokenClient
+        else:
+            app = create_app(settings)
         apps.append(app)
         return app
 
@@ -276,10 +299,13 @@ class SuiteTokens:
 
     def header(self, port: int, path: str) -> str | None:
         """``Bearer <token>`` for a request on ``path`` to the server on ``port``, or None."""
+        return self.header_in(SERVER_DATABASES.get(port, self.default_database), path)
+
+    def header_in(self, database_url: str, path: str) -> str | None:
+        """``Bearer <token>`` for a request on ``path`` to an app on ``database_url``, or None."""
         match = self._PATH.match(path)
         if match is None:
             return None
-        database_url = SERVER_DATABASES.get(port, self.default_database)
         owner = None if path.startswith("/api/util/") else match[1]
         with self.lock:
             if (database_url, owner) not in self.tokens:

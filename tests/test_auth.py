@@ -498,7 +498,7 @@ def test_live_token_session_and_revocation_on_another_host(
 
 def test_metrics_token(make_app: Callable[..., Flask]) -> None:
     secret = secrets.token_urlsafe(32)
-    client = make_app(METRICS_TOKEN=secret).test_client()
+    client = make_app(METRICS_TOKEN=secret, AUTH="none").test_client()
     for headers in ({}, {"Authorization": "Bearer wrong-token-0123456789"},
                     {"Authorization": secret}):  # fmt: skip
         reply = client.get("/metrics", headers=headers)
@@ -566,8 +566,8 @@ def test_open_mode_warns_once_per_process(
     monkeypatch.setattr(auth, "_open_warning_logged", False)
     caplog.set_level(logging.WARNING, logger="pixstream")
     make_app(AUTH="token")
-    make_app()
-    make_app()
+    make_app(AUTH="none")
+    make_app(AUTH="none")
     warnings = [r for r in caplog.records if "PIXSTREAM_AUTH=none" in r.getMessage()]
     assert len(warnings) == 1
     assert warnings[0].levelno == logging.WARNING
@@ -585,7 +585,10 @@ def test_database_unavailable_body_names_no_host_or_user(
     make_app: Callable[..., Flask], database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     name = f"pixstream_missing_{secrets.token_hex(4)}"
-    app = make_app(DATABASE_URL=with_dbname(database_url, name), POOL_TIMEOUT_SECONDS=0.5)
+    # No credential can be made in a missing database: open mode.
+    app = make_app(
+        DATABASE_URL=with_dbname(database_url, name), POOL_TIMEOUT_SECONDS=0.5, AUTH="none"
+    )
     client = app.test_client()
     reply = client.get(f"/api/pix/{new_ispb()}/stream/start", headers={"X-Request-ID": "rid-503"})
     body = assert_problem(reply, 503, retry_after=True)

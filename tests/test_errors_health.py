@@ -111,14 +111,14 @@ def test_unexpected_error_is_problem_500(make_app: Callable[..., Flask]) -> None
     assert "secret internals" not in str(body)
 
 
-def test_readyz_when_database_and_listener_are_up(client: FlaskClient) -> None:
-    reply = wait_ready(client)
+def test_readyz_when_database_and_listener_are_up(app: Flask) -> None:
+    reply = wait_ready(app.test_client())
     assert reply.status_code == 200, reply.data
     assert reply.get_json() == {
         "status": "ready",
         "database": "ok",
         "listener": "ok",
-        "auth": "none",
+        "auth": app.config["AUTH"],
     }
 
 
@@ -144,7 +144,8 @@ def test_database_unreachable_is_503_with_retry_after(
     make_app: Callable[..., Flask], doomed_database: tuple[str, Callable[[], None]]
 ) -> None:
     url, drop = doomed_database
-    app = make_app(DATABASE_URL=url, POOL_TIMEOUT_SECONDS=0.5)  # runs the migrations
+    # Open mode: what is tested is the database going away, not credentials.
+    app = make_app(DATABASE_URL=url, POOL_TIMEOUT_SECONDS=0.5, AUTH="none")  # runs the migrations
     client = app.test_client()
     assert wait_ready(client).status_code == 200
     assert client.post(f"/api/util/msgs/{ISPB}/2").status_code == 201
@@ -171,7 +172,7 @@ def test_database_missing_from_the_start_is_503(
 ) -> None:
     """A worker that boots while its database is unreachable answers 503, not 500."""
     missing = with_dbname(database_url, f"pixstream_missing_{secrets.token_hex(4)}")
-    app = make_app(DATABASE_URL=missing, POOL_TIMEOUT_SECONDS=0.5)
+    app = make_app(DATABASE_URL=missing, POOL_TIMEOUT_SECONDS=0.5, AUTH="none")
     client = app.test_client()
     assert client.get("/healthz").status_code == 200
     for path in ("/readyz", f"/api/pix/{ISPB}/stream/start"):
