@@ -25,7 +25,15 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from _streamkit import MULTIPART, close_all, e2e_ids, insert_messages, new_ispb, wait_for
+from _streamkit import (
+    MULTIPART,
+    close_all,
+    e2e_ids,
+    insert_messages,
+    metric,
+    new_ispb,
+    wait_for,
+)
 from httpclient import HttpClient, Reply
 from problems import assert_problem
 
@@ -225,6 +233,9 @@ def test_the_previous_id_racing_the_latest_never_reads_as_unknown(
         previous = fresh_id(http, db, ispb)
         latest = http.get(previous, MULTIPART)
         assert latest.status == 200 and latest.pull_next
+        # Queued messages, so that GET latest moves the stream on (the change
+        # that made the request on the previous id read as unknown), not waits.
+        insert_messages(db, ispb, 2)
         return [(method, previous, MULTIPART), ("GET", latest.pull_next, MULTIPART)]
 
     def check(replies: list[Reply]) -> None:
@@ -241,6 +252,8 @@ def test_the_previous_id_racing_the_latest_never_reads_as_unknown(
 
 def test_concurrent_repeats_of_delete_close_the_stream_once(server, db):
     ispb = new_ispb()
+    closed = metric(server.http, "pixstream_streams_closed_total")
+    confirmed_before = metric(server.http, "pixstream_messages_confirmed_total")
     with connected_clients([server.base], 12) as clients:
         for _ in range(ROUNDS):
             pull = fresh_id(clients[0], db, ispb, queued=0)
@@ -248,6 +261,11 @@ def test_concurrent_repeats_of_delete_close_the_stream_once(server, db):
             for reply in replies:
                 assert reply.status == 200 and reply.json() == {}, (reply.status, reply.body)
             assert open_streams(db, ispb) == 0
+    # Each stream closed once and each batch confirmed once, by the server's
+    # own counts: the repeats replayed the first DELETE's answer.
+    assert metric(server.http, "pixstream_streams_closed_total") - closed == ROUNDS
+    confirmed_now = metric(server.http, "pixstream_messages_confirmed_total")
+    assert confirmed_now - confirmed_before == ROUNDS
     close_all([server.http])
     # Each batch confirmed exactly once and never handed out again.
     assert unconfirmed_or_twice(db, ispb) == (0, 0)

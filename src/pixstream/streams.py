@@ -669,8 +669,9 @@ class StreamService:
     def _landed(self, delivery: Delivery) -> bool:
         """Whether the stream a start's unanswered COMMIT was creating exists after all.
 
-        Locking it waits for that COMMIT, if the server is still running it
-        (bounded by the lock timeout); a check that fails counts as not landed.
+        It sees a COMMIT the server finished (its answer was lost or late); one
+        the server is still running reads as not landed, like a failed check:
+        the start then answers 503, and its stream, if it lands, expires unused.
         """
         try:
             with self._slot(WOKEN, self._pool.timeout), db.transaction(self._pool) as conn:

@@ -188,8 +188,15 @@ WITH idle AS (
       AND last_seen_at < now() - make_interval(secs => %(idle_seconds)s)
     FOR UPDATE SKIP LOCKED
 ), expired AS (
+    -- Lock first, then read: a stream moved on by a transaction that committed
+    -- after this statement began is re-checked in its newest version, but the
+    -- release below reads pix_pull as of the statement's start, where that
+    -- stream's new pull does not exist yet: its batch would stay bound to a
+    -- closed stream. Such a stream (possible only when a request's transaction
+    -- outlasts the idle window) is left to the next expiry.
     UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
     FROM idle WHERE s.id = idle.id
+      AND EXISTS (SELECT FROM pix_pull p WHERE p.id = s.current_pull)
     RETURNING s.id, s.ispb, s.current_pull
 ), released AS (
     UPDATE pix_message m SET pull_id = NULL
@@ -210,8 +217,10 @@ WITH idle AS (
       AND last_seen_at < now() - make_interval(secs => %(idle_seconds)s)
     FOR UPDATE SKIP LOCKED
 ), expired AS (
+    -- Lock first, then read: as in expire_idle_streams_of_ispb.
     UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
     FROM idle WHERE s.id = idle.id
+      AND EXISTS (SELECT FROM pix_pull p WHERE p.id = s.current_pull)
     RETURNING s.id, s.ispb, s.current_pull
 ), released AS (
     UPDATE pix_message m SET pull_id = NULL
