@@ -33,7 +33,8 @@ def _gzip(response: Response) -> None:
     body = response.get_data()
     if len(body) < _MIN_COMPRESS_BYTES:
         return
-    response.set_data(gzip.compress(body, compresslevel=5, mtime=0))
+    # Level 3: a third less CPU than 5 for 4 % more bytes (bench/gzip_levels.py).
+    response.set_data(gzip.compress(body, compresslevel=3, mtime=0))
     response.headers["Content-Encoding"] = "gzip"
 
 
