@@ -1,4 +1,5 @@
-"""``flask seed-pix``, ``flask db-upgrade``, and the ``token`` and ``cert`` groups."""
+"""``flask seed-pix``, ``flask db-upgrade``, the ``token`` and ``cert`` groups, and the
+``pixstream`` console script (which also runs ``pixstream collect``)."""
 
 from __future__ import annotations
 
@@ -234,7 +235,17 @@ def init_app(app: Flask) -> None:
 
 
 def main() -> None:
-    """The ``pixstream`` console script: Flask's CLI bound to this app."""
+    """The ``pixstream`` console script: Flask's CLI bound to this app.
+
+    ``pixstream collect`` is a client: it is dispatched before the app is
+    built, so it needs no database and works against any server.
+    """
+    import sys
+
+    if sys.argv[1:2] == ["collect"]:
+        from pixstream import collect
+
+        sys.exit(collect.run(sys.argv[2:]))
     from pixstream import create_app
 
     FlaskGroup(create_app=create_app)()
