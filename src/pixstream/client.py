@@ -277,7 +277,12 @@ def _settings(base_url: str, ispb: str, batch: bool, backoff: tuple[float, float
 def _http_options(
     token: str | None, cert: Cert | None, verify: bool | str, timeout: httpx.Timeout | float
 ) -> dict[str, Any]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    # Uncompressed bodies: gzip costs the service more CPU per answer than it
+    # saves on a fast link (bench/client_drain.py). A client passed as ``http=``
+    # keeps its own Accept-Encoding.
+    headers = {"Accept-Encoding": "identity"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     return {"headers": headers, "verify": _ssl_context(cert, verify), "timeout": timeout}
 
 
