@@ -8,6 +8,7 @@ pauses are the ones the client itself takes (Retry-After, backoff).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -26,7 +27,7 @@ import pytest
 from _httpcut import CuttingProxy
 from _streamkit import insert_messages, new_ispb, wait_for
 from conftest import Server, suite_authorization
-from pixstream.client import AuthError, Collection, collect
+from pixstream.client import AuthError, Collection, collect, collect_async
 from test_faults import EmbeddedPostgres, all_confirmed, children
 
 pytestmark = pytest.mark.server
@@ -357,6 +358,31 @@ def test_410_opens_a_new_stream_and_the_redelivery_is_deduplicated(shared, db):
     assert calls == [ids]  # the handler saw them once
     assert collection.stats.new_streams == 2
     assert collection.stats.last_error.startswith("410")
+
+
+def test_collect_async_collects_and_closes_every_stream_on_stop(shared, db):
+    server = shared
+    ispb = new_ispb()
+    ids = insert_messages(db, ispb, 25)
+    seen: list[str] = []
+
+    async def handler(messages: list[dict[str, Any]]) -> None:
+        seen.extend(m["endToEndId"] for m in messages)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(collect_async(server.base, ispb, handler, streams=3, stop=stop,
+                                                 token=token_for(server, ispb)))  # fmt: skip
+        deadline = time.monotonic() + 10
+        while len(seen) < 25 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # polling a condition with a deadline
+        stop.set()
+        await task
+
+    asyncio.run(main())
+    assert sorted(seen) == sorted(ids)
+    assert all_confirmed(db, [ispb], 25)()  # the last batches confirmed by the DELETEs
+    assert open_streams(db, ispb) == 0
 
 
 # --------------------------------------------------------------------------- the command

@@ -14,6 +14,7 @@ not import Flask, gevent or psycopg (the client-only distribution under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
@@ -25,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -701,9 +702,11 @@ def collect(
 class AsyncCollector:
     """One stream on asyncio; the same contract as :class:`Collector`.
 
-    ``handler`` may be a function or a coroutine function. Cancelling
-    :meth:`run` during a long poll closes the stream (confirming the batch
-    already handled); during the handler, the batch is not confirmed.
+    ``handler`` may be a function or a coroutine function. :meth:`stop` ends
+    :meth:`run` gracefully: a long poll in progress is cancelled and its
+    stream deleted (confirming the batch already handled); a start in
+    progress is let finish (there is no id to delete yet), then closed.
+    Cancelling :meth:`run` itself during the handler does not confirm the batch.
     """
 
     def __init__(
@@ -730,33 +733,47 @@ class AsyncCollector:
         self.name = name
         self._own_http = http is None
         self.http = http or httpx.AsyncClient(**_http_options(token, cert, verify, timeout))
+        self._stopping = False
+        self._poll: asyncio.Future[httpx.Response] | None = None
+        self._wake: asyncio.Event | None = None
 
     async def aclose(self) -> None:
         if self._own_http:
             await self.http.aclose()
 
+    def stop(self) -> None:
+        """Ask :meth:`run` to return; cuts a long poll short (call it on the loop's thread)."""
+        self._stopping = True
+        if self._poll is not None:
+            self._poll.cancel()
+        if self._wake is not None:
+            self._wake.set()
+
     async def run(self) -> None:
-        """Read streams until cancelled; raises AuthError or ClientError on fatal answers."""
+        """Read streams until :meth:`stop`; raises AuthError or ClientError on fatal answers."""
         backoff = _Backoff(*self.settings.backoff)
-        while True:
+        self._wake = asyncio.Event()
+        while not self._stopping:
             try:
                 await self._stream(backoff)
             except _StreamGone as exc:
                 log.info("%s: stream gone (%s); opening a new one", self.name, exc)
             except _HandlerFailed:
-                await asyncio.sleep(backoff.next())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), backoff.next())
 
     async def _stream(self, backoff: _Backoff) -> None:
-        settings = self.settings
+        start = self.settings.start
         key = str(uuid.uuid4())
-        path, previous = settings.start, None
+        path = start
+        response = await self._send("GET", path, {"Idempotency-Key": key})
         self.stats.bump(new_streams=1, open_streams=1)
         try:
-            response = await self._send("GET", path, {"Idempotency-Key": key})
             while True:
                 pull_next = response.headers["Pull-Next"]
                 if response.status_code == 200:
                     fresh = _fresh(_parse(response), self.dedup, self.stats)
+                    previous = None if path == start else path
                     if fresh:
                         try:
                             result = self.handler(fresh)
@@ -778,15 +795,23 @@ class AsyncCollector:
                         self.dedup.add(str(m.get("endToEndId")) for m in fresh)
                         self.stats.bump(messages=len(fresh), batches=1)
                     backoff.reset()
-                    previous = None
+                if self._stopping:
+                    await self._delete(pull_next)
+                    return
                 path = pull_next
+                self._poll = asyncio.ensure_future(self._send("GET", path, None))
                 try:
-                    response = await self._send("GET", path, None)
+                    response = await self._poll
                 except asyncio.CancelledError:
-                    await asyncio.shield(self._delete(path))  # confirms the batch handled
+                    # stop() or a cancellation of run(): either way the batch before
+                    # this poll was handled, so DELETE confirms it and closes.
+                    await asyncio.shield(self._delete(path))
+                    task = asyncio.current_task()
+                    if self._stopping and not (task and task.cancelling()):
+                        return
                     raise
-                if response.status_code == 200:
-                    previous = path
+                finally:
+                    self._poll = None
         finally:
             self.stats.bump(open_streams=-1)
 
@@ -840,7 +865,8 @@ async def collect_async(
 
     On stop or cancellation every stream is closed: a long poll in progress
     is cancelled and its stream deleted, which confirms the batches the
-    handler finished and nothing else.
+    handler finished and nothing else; a start in progress is let finish
+    (within the long-poll window), then its stream is deleted.
     """
     if not 1 <= streams <= 6:
         raise ValueError("streams must be 1 to 6 (the service's limit per ISPB)")
@@ -852,14 +878,18 @@ async def collect_async(
             for n in range(streams)
         ]  # fmt: skip
         tasks = [asyncio.create_task(c.run()) for c in collectors]
-        waiters: Sequence[asyncio.Future[Any]] = list(tasks)
-        if stop is not None:
-            waiters = [*tasks, asyncio.ensure_future(stop.wait())]
+        waiters: list[asyncio.Future[Any]] = list(tasks)
+        stopped = asyncio.ensure_future(stop.wait()) if stop is not None else None
+        if stopped is not None:
+            waiters.append(stopped)
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in waiters:
-                task.cancel()
+            # Graceful even when cancelled: finish the handlers, delete every stream.
+            for collector in collectors:
+                collector.stop()
+            if stopped is not None:
+                stopped.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
         for result in results:
             if isinstance(result, Exception):
