@@ -75,10 +75,12 @@ def confirmed(conn: psycopg.Connection, e2e: str) -> bool:
 def shared(database_url: str) -> Iterator[Server]:
     """One server for the tests that need no special settings (starting one costs ~4 s).
 
-    FAST_SETTINGS' idle time (4 s): servers on one database share their sweeps,
-    so a shorter one would expire the long polls of another test's server.
+    A 3 s window, so that the Ctrl-C test can tell a poll cut short from one
+    that ended by itself; FAST_SETTINGS' idle time (4 s): servers on one
+    database share their sweeps, so an idle time shorter than another test
+    server's window would expire that server's long polls.
     """
-    server = Server(database_url)
+    server = Server(database_url, LONG_POLL_SECONDS=3)
     yield server
     server.stop()
 
