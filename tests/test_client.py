@@ -465,3 +465,26 @@ def test_command_output_survives_kill_9_then_resumes_and_stops_on_sigterm(shared
     assert {m["endToEndId"] for m in final} <= set(ids)
     assert all(m["recebedor"]["ispb"] == ispb for m in final)
     assert "SIGTERM" in stderr
+
+
+def test_command_exec_gets_json_lines_on_stdin_and_a_failure_is_not_confirmed(shared, db, tmp_path):
+    server = shared
+    ispb = new_ispb()
+    ids = insert_messages(db, ispb, 15)
+    sink, count = tmp_path / "sink.jsonl", tmp_path / "count"
+    # The second batch (it came with an id: it is given back at once) fails with
+    # exit 1: it must come again; every other one is stored.
+    script = (f"n=$(( $(cat {count} 2>/dev/null || echo 0) + 1 )); echo $n > {count};"
+              f" if [ $n -eq 2 ]; then cat > /dev/null; exit 1; fi; cat >> {sink}")  # fmt: skip
+    token = token_for(server, ispb)
+    argv = [PIXSTREAM, "collect", server.base, ispb, "--streams", "1", "--exec", script,
+            *(["--token", token] if token else [])]  # fmt: skip
+    process = subprocess.Popen(argv, env=without_database(), stderr=subprocess.PIPE, text=True)
+    wait_for(all_confirmed(db, [ispb], 15), timeout=20, interval=0.05, what="all confirmed")
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=10)
+    assert process.returncode == 0, stderr
+    assert "command exited 1" in stderr
+    stored = [json.loads(line)["endToEndId"] for line in lines_of(sink)]
+    assert sorted(stored) == sorted(ids)  # each once: the failed batch came back whole
+    assert open_streams(db, ispb) == 0

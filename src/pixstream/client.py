@@ -382,6 +382,9 @@ class Collector:
         self._lock = threading.Lock()
         self._polling: str | None = None  # the id of a long poll in progress
         self._closed = False  # the current stream was closed (by stop() or by run)
+        # stop() deleted the stream under a long poll: nothing is left to wait for
+        # (the service may answer that poll only at the end of its window).
+        self.detached = False
 
     # -- lifecycle
 
@@ -407,6 +410,7 @@ class Collector:
             if target is None or self._closed:
                 return
             self._closed = True
+            self.detached = True
         # The batch before this poll was handled: DELETE confirms it and closes
         # the stream; the poll then ends (a batch it got goes back to the queue).
         self._delete(target)
@@ -626,7 +630,11 @@ class Collection:
 
     def start(self) -> Collection:
         for collector in self.collectors:
-            thread = threading.Thread(target=self._run, args=(collector,), name=collector.name)
+            # Daemon threads: after stop(), a poll whose stream was deleted may be
+            # answered only at the end of its window; its answer is discarded.
+            thread = threading.Thread(
+                target=self._run, args=(collector,), name=collector.name, daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         return self
@@ -635,6 +643,8 @@ class Collection:
         try:
             collector.run()
         except BaseException as exc:  # a fatal answer: stop every stream
+            if collector.detached:
+                return  # the answer of a poll cut short by stop(): no longer ours
             log.error("%s: %s", collector.name, exc)
             self.stats.error(str(exc))
             if self.error is None:
@@ -661,11 +671,23 @@ class Collection:
         stoppers = [threading.Thread(target=c.stop) for c in self.collectors]
         for thread in stoppers:
             thread.start()
-        for thread in stoppers + self._threads:
+        for thread in stoppers:
             thread.join(timeout)
+        # Wait for the collectors that finish a batch (it must be confirmed), not
+        # for those whose long poll stop() cut short by deleting its stream.
+        deadline = time.monotonic() + timeout
+        for collector, thread in zip(self.collectors, self._threads, strict=True):
+            while thread.is_alive() and not collector.detached and time.monotonic() < deadline:
+                thread.join(0.05)
         self._done.set()
         if self._own_http:
-            self.http.close()
+            threading.Thread(target=self._close_http, daemon=True).start()
+
+    def _close_http(self) -> None:
+        """Close the connections once the discarded polls have ended (within their window)."""
+        for thread in self._threads:
+            thread.join()
+        self.http.close()
 
 
 def collect(
