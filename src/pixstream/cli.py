@@ -226,7 +226,26 @@ def cert_revoke(credential_id: int) -> None:
     _revoke("cert", credential_id)
 
 
-COMMANDS: tuple[click.Command, ...] = (seed_pix, db_upgrade, token_group, cert_group)
+@click.command(
+    "collect",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def collect_command(args: tuple[str, ...]) -> None:
+    """Collect an ISPB's messages from a service (a client: see `pixstream collect --help`)."""
+    from pixstream import collect
+
+    raise SystemExit(collect.run(list(args)))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    seed_pix,
+    db_upgrade,
+    token_group,
+    cert_group,
+    collect_command,
+)
 
 
 def init_app(app: Flask) -> None:

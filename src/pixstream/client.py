@@ -411,6 +411,7 @@ class Collector:
                 return
             self._closed = True
             self.detached = True
+        self.stats.bump(open_streams=-1)  # deleted now; its poll's end is not awaited
         # The batch before this poll was handled: DELETE confirms it and closes
         # the stream; the poll then ends (a batch it got goes back to the queue).
         self._delete(target)
@@ -465,7 +466,8 @@ class Collector:
                 if response is None:
                     return
         finally:
-            self.stats.bump(open_streams=-1)
+            if not self.detached:  # else stop() counted it closed already
+                self.stats.bump(open_streams=-1)
 
     @property
     def in_long_poll(self) -> bool:

@@ -169,6 +169,8 @@ def run(argv: Sequence[str]) -> int:
     """Parse ``argv`` (after ``collect``), collect until a signal; the exit code."""
     opts = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "httpcore"):  # one INFO line per request would drown the status
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if opts.key and not opts.cert:
         parser().error("--key needs --cert")
     token = opts.token or os.environ.get("PIXSTREAM_TOKEN") or None
