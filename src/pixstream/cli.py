@@ -1,4 +1,5 @@
-"""``flask seed-pix``, ``flask db-upgrade``, and the ``token`` and ``cert`` groups."""
+"""``flask seed-pix``, ``flask db-upgrade``, the ``token`` and ``cert`` groups, and the
+``pixstream`` console script (which also runs ``pixstream collect``)."""
 
 from __future__ import annotations
 
@@ -225,7 +226,26 @@ def cert_revoke(credential_id: int) -> None:
     _revoke("cert", credential_id)
 
 
-COMMANDS: tuple[click.Command, ...] = (seed_pix, db_upgrade, token_group, cert_group)
+@click.command(
+    "collect",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def collect_command(args: tuple[str, ...]) -> None:
+    """Collect an ISPB's messages from a service (a client: see `pixstream collect --help`)."""
+    from pixstream import collect
+
+    raise SystemExit(collect.run(list(args)))
+
+
+COMMANDS: tuple[click.Command, ...] = (
+    seed_pix,
+    db_upgrade,
+    token_group,
+    cert_group,
+    collect_command,
+)
 
 
 def init_app(app: Flask) -> None:
@@ -234,7 +254,17 @@ def init_app(app: Flask) -> None:
 
 
 def main() -> None:
-    """The ``pixstream`` console script: Flask's CLI bound to this app."""
+    """The ``pixstream`` console script: Flask's CLI bound to this app.
+
+    ``pixstream collect`` is a client: it is dispatched before the app is
+    built, so it needs no database and works against any server.
+    """
+    import sys
+
+    if sys.argv[1:2] == ["collect"]:
+        from pixstream import collect
+
+        sys.exit(collect.run(sys.argv[2:]))
     from pixstream import create_app
 
     FlaskGroup(create_app=create_app)()
