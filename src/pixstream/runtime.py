@@ -23,6 +23,7 @@ from pixstream.streams import Settings, StreamService
 
 if TYPE_CHECKING:
     from pixstream.access import AccessService
+    from pixstream.console import ConsoleService
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class Runtime:
         self._toucher: threading.Thread | None = None
         self._streams: StreamService | None = None
         self._access: AccessService | None = None
+        self._console: ConsoleService | None = None
         # Migrations another session was applying when this process booted: not
         # ready until they are in the ledger (a thread takes them over if free).
         self._pending_migrations: list[str] = list(pending_migrations)
@@ -119,6 +121,25 @@ class Runtime:
                 )
             return self._access
 
+    @property
+    def console(self) -> ConsoleService:
+        """The console's service (built on the stream service: it starts the sweeper)."""
+        if self._console is not None:
+            return self._console
+        from pixstream.console import ConsoleService
+
+        pool, streams = self.pool, self.streams
+        with self._lock:
+            if self._console is None:
+                self._console = ConsoleService(
+                    pool,
+                    streams,
+                    sweep_seconds=self._config["SWEEP_SECONDS"],
+                    top_ispbs=self._config["METRICS_TOP_ISPBS"],
+                    stream_limit=self._config["MAX_STREAMS_PER_ISPB"],
+                )
+            return self._console
+
     def _start_sweeper(self) -> None:
         with self._lock:
             if self._sweeper is None:
@@ -155,6 +176,9 @@ class Runtime:
     def _sweep_forever(self) -> None:
         """Expire abandoned streams, even of ISPBs nobody reads any more; apply the retention."""
         period = self._config["SWEEP_SECONDS"]
+        # The first heartbeat says whether the listener is up: give it a moment to be.
+        self.listener.wait_connected(min(period, 2.0))
+        self._observe()
         # Jitter keeps the workers of a fleet from sweeping in lockstep.
         while not self._stopping.wait(period * random.uniform(0.5, 1.5)):
             try:
@@ -164,6 +188,17 @@ class Runtime:
                 log.warning("sweep skipped: %s", exc)
             except Exception:
                 log.exception("sweep failed")
+            self._observe()
+
+    def _observe(self) -> None:
+        """Write this process's heartbeat and the backlog gauges (console.py)."""
+        try:
+            self.console.heartbeat(self.listener)
+            self.console.refresh_gauges()
+        except (DatabaseUnavailable, Overloaded) as exc:
+            log.warning("heartbeat and gauges skipped: %s", exc)
+        except Exception:
+            log.exception("heartbeat and gauges failed")
 
     def _watch_schema(self) -> None:
         """Start, once, the thread that waits for the pending migrations."""
