@@ -419,24 +419,30 @@ FROM pix_process ORDER BY host, pid;
 -- name: queued_by_ispb
 -- Queued messages per ISPB and the oldest one's insertion time: an
 -- index-only scan of pix_message_queued_idx (queued rows only), then one
--- primary-key probe per ISPB for the oldest row's inserted_at.
-SELECT q.recipient_ispb, q.queued, m.inserted_at
+-- primary-key probe per ISPB for the oldest row's inserted_at (a scalar
+-- subquery, so never a join that could read the table).
+SELECT q.recipient_ispb, q.queued,
+       (SELECT m.inserted_at FROM pix_message m WHERE m.id = q.oldest_id) AS oldest
 FROM (
     SELECT recipient_ispb, count(*) AS queued, min(id) AS oldest_id
     FROM pix_message WHERE pull_id IS NULL
     GROUP BY recipient_ispb
-) q
-JOIN pix_message m ON m.id = q.oldest_id;
+) q;
 
 -- name: in_flight_by_ispb
 -- Delivered but unconfirmed messages per ISPB: the batches held by open
--- streams (their current pull, unconfirmed), found through the open-stream
--- and pull indexes.
-SELECT s.ispb, count(*) AS in_flight, min(m.inserted_at) AS oldest
+-- streams (their current pull, unconfirmed). LATERAL with an aggregate:
+-- per open stream, one probe of pix_pull's key and one of the pull index,
+-- never a walk of either (they hold the whole collected history until the
+-- retention removes it).
+SELECT s.ispb, sum(b.n)::bigint AS in_flight, min(b.oldest) AS oldest
 FROM pix_stream s
-JOIN pix_pull p ON p.id = s.current_pull AND p.confirmed_at IS NULL
-JOIN pix_message m ON m.pull_id = p.id
-WHERE s.closed_at IS NULL
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n, min(m.inserted_at) AS oldest
+    FROM pix_pull p JOIN pix_message m ON m.pull_id = p.id
+    WHERE p.id = s.current_pull AND p.confirmed_at IS NULL AND p.size > 0
+) b
+WHERE s.closed_at IS NULL AND b.n > 0
 GROUP BY s.ispb;
 
 -- name: open_streams_by_ispb
