@@ -104,7 +104,7 @@ class Overview:
     rate_429: float  # per second, all live processes
     rate_503: float
     hosts: list[Host]
-    # Per second, oldest bucket first: (seconds ago, inserted, delivered, confirmed).
+    # Per second, oldest bucket first: (bucket start, seconds ago; inserted, delivered, confirmed).
     series: list[tuple[int, float, float, float]] = field(default_factory=list)
 
 
@@ -242,9 +242,10 @@ class ConsoleService:
             pulls = store.pulls_per_bucket(conn, WINDOW_SECONDS, BUCKET_SECONDS)
             processes = store.list_processes(conn)
         series = []
-        for ago in range(WINDOW_SECONDS // BUCKET_SECONDS, 0, -1):  # complete buckets only
+        # Buckets are counted back from now, so the newest (0) is a full one too.
+        for ago in range(WINDOW_SECONDS // BUCKET_SECONDS - 1, -1, -1):
             delivered, confirmed = pulls.get(ago, (0, 0))
-            series.append((ago * BUCKET_SECONDS, inserted.get(ago, 0) / BUCKET_SECONDS,
+            series.append(((ago + 1) * BUCKET_SECONDS, inserted.get(ago, 0) / BUCKET_SECONDS,
                            delivered / BUCKET_SECONDS, confirmed / BUCKET_SECONDS))  # fmt: skip
         hosts = self._hosts(processes)
         live = [p for h in hosts for p in h.live]
