@@ -124,6 +124,11 @@ ISPB_OLDEST_UNCONFIRMED = Gauge(
     ["ispb"],
     multiprocess_mode="mostrecent",
 )
+READY = Gauge(
+    "pixstream_ready",
+    "1 while this process is ready (database, listener, schema), as /readyz and each sweep see it.",
+    multiprocess_mode="livemin",
+)
 GAUGES_UPDATED = Gauge(
     "pixstream_backlog_computed_timestamp_seconds",
     "When the sweeper last computed the backlog gauges (Unix time).",

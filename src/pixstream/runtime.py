@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, migrate, store
+from pixstream import db, metrics, migrate, store
 from pixstream.errors import DatabaseUnavailable, Overloaded
 from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
@@ -191,8 +191,11 @@ class Runtime:
             self._observe()
 
     def _observe(self) -> None:
-        """Write this process's heartbeat and the backlog gauges (console.py)."""
+        """Set the readiness gauge; write the heartbeat and the backlog gauges (console.py)."""
         try:
+            metrics.READY.set(0 if self.readiness(1.0) else 1)
+            if self._pending_migrations:
+                return  # pix_process may not exist yet
             self.console.heartbeat(self.listener)
             self.console.refresh_gauges()
         except (DatabaseUnavailable, Overloaded) as exc:
