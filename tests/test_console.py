@@ -110,7 +110,9 @@ def test_close_stream_needs_csrf_and_gives_the_batch_to_another_stream(client, d
     token = csrf(client, action)
     with caplog.at_level(logging.INFO, logger="pixstream"):
         done = client.post(action, data={"csrf": token})
-    assert done.status_code == 302 and "10+message" in done.headers["Location"]
+    assert done.status_code == 302 and "released=10" in done.headers["Location"]
+    shown = client.get(done.headers["Location"]).text
+    assert "Stream 1 closed; 10 message(s) back to the queue." in shown
     assert open_stream_ids(db, ispb) == []
     assert any("closed stream" in r.getMessage() and "anonymous" in r.getMessage()
                for r in caplog.records)  # fmt: skip

@@ -131,7 +131,7 @@ def _set_csrf_cookie(response: Response) -> Response:
     return response
 
 
-@bp.app_context_processor
+@bp.context_processor
 def _helpers() -> dict[str, Any]:
     return {"csrf_token": _csrf_token, "age": _age, "when": _when}
 
@@ -204,9 +204,15 @@ def institution(ispb: str) -> str:
     ispb = parse_ispb(ispb)
     page = runtime().console.institution(ispb)
     credentials = runtime().access.list_credentials(ispb)
-    return _page(
-        "institution.html", page=page, credentials=credentials, done=request.args.get("done", "")
-    )
+    # What the action just done was, from numbers only: no text from the URL reaches the page.
+    done = ""
+    closed, released = request.args.get("closed", type=int), request.args.get("released", type=int)
+    revoked = request.args.get("revoked", type=int)
+    if closed is not None and released is not None:
+        done = f"Stream {closed} closed; {released} message(s) back to the queue."
+    elif revoked is not None:
+        done = f"Credential {revoked} revoked."
+    return _page("institution.html", page=page, credentials=credentials, done=done)
 
 
 @bp.route("/institutions/<ispb>/streams/<int:stream_id>/close", methods=["GET", "POST"])
@@ -224,8 +230,7 @@ def close_stream(ispb: str, stream_id: int) -> BaseResponse | str:
     released = runtime().console.close_stream(ispb, stream_id, g.console_actor)
     if released is None:
         raise NotFound(f"ISPB {ispb} has no open stream {stream_id} (closed already?)")
-    done = f"Stream {stream_id} closed; {released} message(s) back to the queue."
-    return redirect(url_for("console.institution", ispb=ispb, done=done))
+    return redirect(url_for("console.institution", ispb=ispb, closed=stream_id, released=released))
 
 
 @bp.route("/institutions/<ispb>/credentials/<int:credential_id>/revoke", methods=["GET", "POST"])
@@ -248,8 +253,7 @@ def revoke_credential(ispb: str, credential_id: int) -> BaseResponse | str:
         extra={"event": "console_revoke", "actor": g.console_actor, "ispb": ispb,
                "credential": credential_id},
     )  # fmt: skip
-    done = f"Credential {credential_id} revoked."
-    return redirect(url_for("console.institution", ispb=ispb, done=done))
+    return redirect(url_for("console.institution", ispb=ispb, revoked=credential_id))
 
 
 # -- live data (the pages' script) ------------------------------------------------------
