@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 EXTENSION = "pixstream"
 # Longest delay before the last-seen times owed by idle polls are written.
 TOUCH_PERIOD_SECONDS = 5.0
+# The backlog gauges are computed after a sweep at most this often (or every
+# sweep when sweeps are rarer): about a Prometheus scrape interval. Each
+# computation reads the queued index of every ISPB, so not every second.
+GAUGES_PERIOD_SECONDS = 15.0
 
 
 class Runtime:
@@ -60,6 +65,7 @@ class Runtime:
         # ready until they are in the ledger (a thread takes them over if free).
         self._pending_migrations: list[str] = list(pending_migrations)
         self._schema_watch: threading.Thread | None = None
+        self._gauges_due = 0.0  # time.monotonic() after which the gauges are recomputed
 
     @property
     def pool(self) -> ConnectionPool:
@@ -197,7 +203,9 @@ class Runtime:
             if self._pending_migrations:
                 return  # pix_process may not exist yet
             self.console.heartbeat(self.listener)
-            self.console.refresh_gauges()
+            if time.monotonic() >= self._gauges_due:
+                self._gauges_due = time.monotonic() + GAUGES_PERIOD_SECONDS
+                self.console.refresh_gauges()
         except (DatabaseUnavailable, Overloaded) as exc:
             log.warning("heartbeat and gauges skipped: %s", exc)
         except Exception:
