@@ -101,12 +101,14 @@ def column(page: Browser, index: int) -> list[Any]:
 
 
 def test_console_pages_sort_refresh_and_close_a_stream(
-    browser: Browser,  # noqa: F811 - the fixture imported above
+    # The server first: torn down after the browser, whose keep-alive
+    # connections would otherwise hold gunicorn's graceful stop.
     start_server: Callable[..., Server],
+    browser: Browser,  # noqa: F811 - the fixture imported above
     db: psycopg.Connection,
     tmp_path: Path,
 ) -> None:
-    server = start_server()
+    server = start_server(STREAM_IDLE_SECONDS=60)  # the held batch must outlive the visit
     ispb, other, third = new_ispb(), new_ispb(), new_ispb()
     sent = insert_messages(db, ispb, 12)
     insert_messages(db, other, 30)
@@ -118,7 +120,7 @@ def test_console_pages_sort_refresh_and_close_a_stream(
     until(browser, "document.querySelectorAll('#chart polyline').length === 3")
     until(browser, "document.querySelector('[data-field=backlog]').textContent === '45'")
     # The overview refreshes by itself (every 5 s), with the hosts' heartbeats.
-    until(browser, "document.getElementById('refreshed').textContent.startsWith('refreshed ')")
+    until(browser, "document.getElementById('refreshed').textContent.startsWith('refreshed at ')")
     until(browser, "document.querySelector('#hosts td.ok')")
     assert browser.errors() == []
     shoot(browser, tmp_path, "console-overview.png")
@@ -159,7 +161,10 @@ def test_console_pages_sort_refresh_and_close_a_stream(
     assert browser.errors() == []
 
     # Another collector gets the closed stream's batch: the oldest queued again.
-    again = server.http.get(f"/api/pix/{ispb}/stream/start", accept=MULTIPART)
+    # Fresh connections: the first one idled past gunicorn's keep-alive meanwhile.
+    again = server.http.request(
+        "GET", f"/api/pix/{ispb}/stream/start", {"Accept": MULTIPART}, fresh=True
+    )
     assert e2e_ids(again) == sent[:10]
-    gone = server.http.get(held.pull_next or "", accept=MULTIPART)
+    gone = server.http.request("GET", held.pull_next or "", {"Accept": MULTIPART}, fresh=True)
     assert gone.status == 410

@@ -86,7 +86,7 @@
       drawChart(chart, data.series);
       renderHosts(data.hosts);
       document.getElementById("refreshed").textContent =
-        "refreshed " + new Date().toLocaleTimeString() + ", every 5 s";
+        "refreshed at " + new Date().toLocaleTimeString() + ", every 5 s";
     } catch (error) {
       // A failed refresh is shown, not thrown: the next one may succeed.
       document.getElementById("refreshed").textContent = "refresh failed (" + error.message + "); retrying";
