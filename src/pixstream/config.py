@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     # host:port where gunicorn's master serves /metrics instead of the public port.
     "METRICS_BIND": None,
     "CREDENTIAL_CACHE_SECONDS": 30,
+    # ISPBs exported with a label of their own in the backlog gauges (0: totals only).
+    "METRICS_TOP_ISPBS": 10,
 }
 
 AUTH_MODES = ("none", "token", "mtls")
@@ -131,6 +133,7 @@ def validate(config: Config) -> None:
     _number(config, "POOL_TIMEOUT_SECONDS", minimum=0.1, integer=False)
     _number(config, "SWEEP_SECONDS", minimum=0.1, integer=False)
     _number(config, "IDLE_CLAIM_EVERY", minimum=1, integer=True)
+    _number(config, "METRICS_TOP_ISPBS", minimum=0, integer=True)
     _number(config, "RETENTION_HOURS", minimum=0.0001, integer=False)
     _number(config, "RATE_PER_ISPB", minimum=0.001, integer=False)
     _number(config, "RATE_BURST", minimum=1, integer=True)

@@ -101,6 +101,64 @@ LISTENER_CONNECTED = Gauge(
     "1 while this process listens on pix_inserted.",
     multiprocess_mode="livemin",
 )
+HTTP_RESPONSES = Counter(
+    "pixstream_http_responses", "Responses answered, by HTTP status code.", ["status"]
+)
+# Computed by the sweeper from the queued index and the open streams' batches
+# (console.py), never by a scrape: a scrape reads the last values written.
+BACKLOG = Gauge(
+    "pixstream_backlog_messages",
+    "Unconfirmed messages (queued, or delivered and not yet confirmed), all ISPBs.",
+    multiprocess_mode="mostrecent",
+)
+OLDEST_UNCONFIRMED = Gauge(
+    "pixstream_oldest_unconfirmed_age_seconds",
+    "Age of the oldest unconfirmed message, all ISPBs (0 when none).",
+    multiprocess_mode="mostrecent",
+)
+ISPB_BACKLOG = Gauge(
+    "pixstream_ispb_backlog_messages",
+    "Unconfirmed messages of the ISPBs with the largest backlogs (PIXSTREAM_METRICS_TOP_ISPBS);"
+    " 0 for an ISPB that left the top.",
+    ["ispb"],
+    multiprocess_mode="mostrecent",
+)
+ISPB_OLDEST_UNCONFIRMED = Gauge(
+    "pixstream_ispb_oldest_unconfirmed_age_seconds",
+    "Age of the oldest unconfirmed message of the ISPBs with the oldest ones (top N).",
+    ["ispb"],
+    multiprocess_mode="mostrecent",
+)
+READY = Gauge(
+    "pixstream_ready",
+    "1 while this process is ready (database, listener, schema), as /readyz and each sweep see it.",
+    multiprocess_mode="livemin",
+)
+GAUGES_UPDATED = Gauge(
+    "pixstream_backlog_computed_timestamp_seconds",
+    "When the sweeper last computed the backlog gauges (Unix time).",
+    multiprocess_mode="max",
+)
+
+# This process's own refusals, for its heartbeat (console.py): counts, not rates.
+_local_statuses: dict[int, int] = {}
+
+
+def count_response(status: int) -> None:
+    """Count one response, for /metrics and for this process's heartbeat."""
+    HTTP_RESPONSES.labels(str(status)).inc()
+    if status in (429, 503):
+        _local_statuses[status] = _local_statuses.get(status, 0) + 1
+
+
+def local_refusals() -> tuple[int, int]:
+    """(429s, 503s) this process answered since it started."""
+    return _local_statuses.get(429, 0), _local_statuses.get(503, 0)
+
+
+def local_value(metric: Counter | Gauge) -> float:
+    """An unlabelled metric's value in this process only (not summed over workers)."""
+    return float(metric._value.get())  # type: ignore[union-attr]
 
 
 # The text format every Prometheus version scrapes.

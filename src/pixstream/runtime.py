@@ -10,25 +10,31 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, migrate, store
+from pixstream import db, metrics, migrate, store
 from pixstream.errors import DatabaseUnavailable, Overloaded
 from pixstream.listener import CHANNEL, Listener
 from pixstream.streams import Settings, StreamService
 
 if TYPE_CHECKING:
     from pixstream.access import AccessService
+    from pixstream.console import ConsoleService
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "pixstream"
 # Longest delay before the last-seen times owed by idle polls are written.
 TOUCH_PERIOD_SECONDS = 5.0
+# The backlog gauges are computed after a sweep at most this often (or every
+# sweep when sweeps are rarer): about a Prometheus scrape interval. Each
+# computation reads the queued index of every ISPB, so not every second.
+GAUGES_PERIOD_SECONDS = 15.0
 
 
 class Runtime:
@@ -54,10 +60,12 @@ class Runtime:
         self._toucher: threading.Thread | None = None
         self._streams: StreamService | None = None
         self._access: AccessService | None = None
+        self._console: ConsoleService | None = None
         # Migrations another session was applying when this process booted: not
         # ready until they are in the ledger (a thread takes them over if free).
         self._pending_migrations: list[str] = list(pending_migrations)
         self._schema_watch: threading.Thread | None = None
+        self._gauges_due = 0.0  # time.monotonic() after which the gauges are recomputed
 
     @property
     def pool(self) -> ConnectionPool:
@@ -119,6 +127,25 @@ class Runtime:
                 )
             return self._access
 
+    @property
+    def console(self) -> ConsoleService:
+        """The console's service (built on the stream service: it starts the sweeper)."""
+        if self._console is not None:
+            return self._console
+        from pixstream.console import ConsoleService
+
+        pool, streams = self.pool, self.streams
+        with self._lock:
+            if self._console is None:
+                self._console = ConsoleService(
+                    pool,
+                    streams,
+                    sweep_seconds=self._config["SWEEP_SECONDS"],
+                    top_ispbs=self._config["METRICS_TOP_ISPBS"],
+                    stream_limit=self._config["MAX_STREAMS_PER_ISPB"],
+                )
+            return self._console
+
     def _start_sweeper(self) -> None:
         with self._lock:
             if self._sweeper is None:
@@ -155,6 +182,9 @@ class Runtime:
     def _sweep_forever(self) -> None:
         """Expire abandoned streams, even of ISPBs nobody reads any more; apply the retention."""
         period = self._config["SWEEP_SECONDS"]
+        # The first heartbeat says whether the listener is up: give it a moment to be.
+        self.listener.wait_connected(min(period, 2.0))
+        self._observe()
         # Jitter keeps the workers of a fleet from sweeping in lockstep.
         while not self._stopping.wait(period * random.uniform(0.5, 1.5)):
             try:
@@ -164,6 +194,22 @@ class Runtime:
                 log.warning("sweep skipped: %s", exc)
             except Exception:
                 log.exception("sweep failed")
+            self._observe()
+
+    def _observe(self) -> None:
+        """Set the readiness gauge; write the heartbeat and the backlog gauges (console.py)."""
+        try:
+            metrics.READY.set(0 if self.readiness(1.0) else 1)
+            if self._pending_migrations:
+                return  # pix_process may not exist yet
+            self.console.heartbeat(self.listener)
+            if time.monotonic() >= self._gauges_due:
+                self._gauges_due = time.monotonic() + GAUGES_PERIOD_SECONDS
+                self.console.refresh_gauges()
+        except (DatabaseUnavailable, Overloaded) as exc:
+            log.warning("heartbeat and gauges skipped: %s", exc)
+        except Exception:
+            log.exception("heartbeat and gauges failed")
 
     def _watch_schema(self) -> None:
         """Start, once, the thread that waits for the pending migrations."""

@@ -81,13 +81,19 @@ def count_all_open_streams(conn: psycopg.Connection) -> int:
 
 
 def insert_stream(
-    conn: psycopg.Connection, ispb: str, pull: str, *, idempotency_key: str | None = None
+    conn: psycopg.Connection,
+    ispb: str,
+    pull: str,
+    *,
+    idempotency_key: str | None = None,
+    opened_by: str | None = None,
 ) -> int:
     """Create a stream whose first pull, ``pull``, carries no batch.
 
-    ``idempotency_key``: the start's Idempotency-Key, by which a repeat finds the stream.
+    ``idempotency_key``: the start's Idempotency-Key, by which a repeat finds the stream;
+    ``opened_by``: the process opening it ("host:pid"), for the console.
     """
-    params = {"ispb": ispb, "pull": pull, "key": idempotency_key}
+    params = {"ispb": ispb, "pull": pull, "key": idempotency_key, "opened_by": opened_by}
     (stream_id,) = _run(conn, "insert_stream", params).fetchone()
     _run(conn, "insert_pull", {"pull": pull, "stream_id": stream_id, "size": 0, "confirmed": True})
     return int(stream_id)
@@ -369,3 +375,112 @@ def purge_closed_streams(conn: psycopg.Connection, retention_seconds: float, lim
     params = {"retention_seconds": retention_seconds, "limit": limit}
     row = _run(conn, "purge_closed_streams", params).fetchone()
     return Purged(int(row[0]), int(row[1]), int(row[2]))
+
+
+# --------------------------------------------------------------------------- console
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRow:
+    """One server process's last heartbeat (pix_process)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: datetime
+    silent_for: float  # seconds since its last heartbeat, by the database's clock
+    listener_connected: bool
+    listener_reconnects: int
+    waiting: int
+    rate_429: float
+    rate_503: float
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A stream as the console shows it."""
+
+    id: int
+    current_pull: str
+    opened_at: datetime
+    last_or_closed_at: datetime  # last request while open; the close time once closed
+    opened_by: str | None
+    batch: int  # held (open) or given back (closed), unconfirmed messages
+    close_reason: str | None = None
+
+
+def heartbeat(
+    conn: psycopg.Connection,
+    *,
+    id: str,
+    host: str,
+    pid: int,
+    started_at: datetime,
+    listener_connected: bool,
+    listener_reconnects: int,
+    waiting: int,
+    rate_429: float,
+    rate_503: float,
+) -> None:
+    """Record that this process is alive (and forget processes silent for a day)."""
+    _run(conn, "heartbeat", {"id": id, "host": host, "pid": pid, "started_at": started_at,
+                             "listener_connected": listener_connected,
+                             "listener_reconnects": listener_reconnects, "waiting": waiting,
+                             "rate_429": rate_429, "rate_503": rate_503})  # fmt: skip
+
+
+def list_processes(conn: psycopg.Connection) -> list[ProcessRow]:
+    return [ProcessRow(*row) for row in _run(conn, "list_processes")]
+
+
+def queued_by_ispb(conn: psycopg.Connection) -> list[tuple[str, int, datetime]]:
+    """(ISPB, queued messages, the oldest one's insertion time) per ISPB with a queue."""
+    return [(str(i), int(n), t) for i, n, t in _run(conn, "queued_by_ispb")]
+
+
+def in_flight_by_ispb(conn: psycopg.Connection) -> list[tuple[str, int, datetime]]:
+    """(ISPB, delivered but unconfirmed messages, the oldest one's insertion time)."""
+    return [(str(i), int(n), t) for i, n, t in _run(conn, "in_flight_by_ispb")]
+
+
+def open_streams_by_ispb(conn: psycopg.Connection) -> list[tuple[str, int, datetime]]:
+    """(ISPB, open streams, latest request on one of them)."""
+    return [(str(i), int(n), t) for i, n, t in _run(conn, "open_streams_by_ispb")]
+
+
+def recent_activity_by_ispb(
+    conn: psycopg.Connection, seconds: float
+) -> list[tuple[str, int, int, datetime]]:
+    """(ISPB, delivered, given back, latest delivery) over the last ``seconds``."""
+    rows = _run(conn, "recent_activity_by_ispb", {"seconds": seconds})
+    return [(str(i), int(d), int(g), t) for i, d, g, t in rows]
+
+
+def inserted_per_bucket(conn: psycopg.Connection, seconds: int, bucket: int) -> dict[int, int]:
+    """Messages inserted per bucket, keyed by how many buckets ago (0: the current one)."""
+    rows = _run(conn, "inserted_per_bucket", {"seconds": seconds, "bucket": bucket})
+    return {int(ago): int(count) for ago, count in rows}
+
+
+def pulls_per_bucket(
+    conn: psycopg.Connection, seconds: int, bucket: int
+) -> dict[int, tuple[int, int]]:
+    """(delivered, confirmed) messages per bucket, keyed by how many buckets ago."""
+    rows = _run(conn, "pulls_per_bucket", {"seconds": seconds, "bucket": bucket})
+    return {int(ago): (int(d), int(c)) for ago, d, c in rows}
+
+
+def open_streams_of_ispb(conn: psycopg.Connection, ispb: str) -> list[StreamInfo]:
+    return [StreamInfo(*row) for row in _run(conn, "open_streams_of_ispb", {"ispb": ispb})]
+
+
+def closed_streams_of_ispb(conn: psycopg.Connection, ispb: str, limit: int) -> list[StreamInfo]:
+    """The latest ``limit`` closed streams of ``ispb``, newest first."""
+    rows = _run(conn, "closed_streams_of_ispb", {"ispb": ispb, "limit": limit})
+    return [StreamInfo(i, p, o, c, by, n, reason) for i, p, o, c, reason, by, n in rows]
+
+
+def expire_stream(conn: psycopg.Connection, ispb: str, stream_id: int) -> ExpiredStream | None:
+    """Close one open stream of ``ispb`` as an expiry would; None when it is not open."""
+    row = _run(conn, "expire_stream", {"ispb": ispb, "stream_id": stream_id}).fetchone()
+    return None if row is None else ExpiredStream(int(row[0]), row[1], int(row[2]))

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from pixstream import db, metrics, store
+from pixstream import db, identity, metrics, store
 from pixstream.errors import (
     Conflict,
     DatabaseUnavailable,
@@ -291,6 +291,33 @@ class StreamService:
         if released:
             metrics.MESSAGES_REQUEUED.labels("deleted_unconfirmed").inc(released)
             _event("redelivery", ispb, stream.id, requeued=released, reason="deleted_unconfirmed")
+
+    def close_by_admin(self, ispb: str, stream_id: int, *, actor: str) -> int | None:
+        """Close an open stream for an administrator; the count of messages given back.
+
+        The expiry path for one stream: its unconfirmed batch goes back to the
+        queue and the ISPB's other collectors are woken to take it; its
+        client's next request answers 410. None when the stream is not open.
+        """
+        with (
+            self._slot(READ, self._pool.timeout),
+            db.transaction(self._pool) as conn,
+        ):
+            closed = store.expire_stream(conn, ispb, stream_id)
+            if closed is not None:
+                if closed.released:
+                    store.notify_ispbs(conn, [ispb])
+                store.notify_streams_closed(conn, [stream_id])
+        if closed is None:
+            return None
+        metrics.STREAMS_CLOSED.inc()
+        _event("closed_by_admin", ispb, stream_id, requeued=closed.released, actor=actor)
+        if closed.released:
+            metrics.MESSAGES_REQUEUED.labels("closed_by_admin").inc(closed.released)
+            _event(
+                "redelivery", ispb, stream_id, requeued=closed.released, reason="closed_by_admin"
+            )
+        return closed.released
 
     def sweep(self) -> int:
         """Expire every idle stream now, handing its unconfirmed batch back."""
@@ -718,7 +745,9 @@ class StreamService:
         if store.count_open_streams(conn, ispb) >= self.settings.max_streams:
             return None
         pull_id = new_pull_id()
-        stream_id = store.insert_stream(conn, ispb, pull_id, idempotency_key=idempotency_key)
+        stream_id = store.insert_stream(
+            conn, ispb, pull_id, idempotency_key=idempotency_key, opened_by=identity.process_id()
+        )
         metrics.STREAMS_OPENED.inc()
         _event("opened", ispb, stream_id, **({"keyed": True} if idempotency_key else {}))
         return stream_id, pull_id

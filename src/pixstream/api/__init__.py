@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flask import Flask
 
-from pixstream.api import auth, docs, health, middleware, problems, streams, util
+from pixstream.api import auth, console, docs, health, middleware, problems, streams, util
 
 
 def init_app(app: Flask) -> None:
@@ -15,5 +15,6 @@ def init_app(app: Flask) -> None:
     app.register_blueprint(streams.bp)
     streams.forbid_head(app)
     app.register_blueprint(docs.bp)
+    app.register_blueprint(console.bp)
     if app.config["UTIL_ROUTES"]:
         app.register_blueprint(util.bp)

@@ -37,6 +37,7 @@ def readyz() -> Response:
     pending schema is named with its migrations (no secret in them).
     """
     failures = runtime().readiness(_PROBE_TIMEOUT)
+    metrics.READY.set(0 if failures else 1)
     if failures:
         log.warning("not ready: %s", "; ".join(failures))
         return problem(

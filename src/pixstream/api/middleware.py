@@ -8,6 +8,8 @@ import uuid
 
 from flask import Flask, Response, g, request
 
+from pixstream import metrics
+
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 _MIN_COMPRESS_BYTES = 256
 
@@ -19,6 +21,7 @@ def _assign_request_id() -> None:
 
 def _finish(response: Response) -> Response:
     response.headers["X-Request-ID"] = g.get("request_id") or uuid.uuid4().hex
+    metrics.count_response(response.status_code)
     _gzip(response)
     return response
 

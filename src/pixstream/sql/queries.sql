@@ -11,8 +11,9 @@ SELECT count(*) FROM pix_stream WHERE ispb = %(ispb)s AND closed_at IS NULL;
 
 -- name: insert_stream
 -- The first pull is both the current one and the one a repeated start reads.
-INSERT INTO pix_stream (ispb, current_pull, start_pull, idempotency_key)
-VALUES (%(ispb)s, %(pull)s, %(pull)s, %(key)s) RETURNING id;
+-- opened_by: the process ("host:pid") that opened it, shown by the console.
+INSERT INTO pix_stream (ispb, current_pull, start_pull, idempotency_key, opened_by)
+VALUES (%(ispb)s, %(pull)s, %(pull)s, %(key)s, %(opened_by)s) RETURNING id;
 
 -- name: find_keyed_stream
 -- The id and first pull of the ISPB's open stream started with this Idempotency-Key,
@@ -423,3 +424,150 @@ WITH doomed AS (
 )
 SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM pulls),
        (SELECT count(*) FROM streams);
+
+
+-- Console and gauges (console.py, the sweeper in runtime.py)
+-- Every statement below reads through an index (tests/test_console_plans.py
+-- explains each one on a seeded table and fails on a sequential scan of
+-- pix_message). Their cost follows what is queued, in flight or recent,
+-- never the history.
+
+-- name: heartbeat
+-- Each process's sweeper, every sweep: this process is alive, with its
+-- listener's state. Rows silent for a day (processes long gone) are removed.
+WITH gone AS (
+    DELETE FROM pix_process WHERE seen_at < now() - interval '1 day'
+)
+INSERT INTO pix_process (id, host, pid, started_at, seen_at, listener_connected,
+                         listener_reconnects, waiting, rate_429, rate_503)
+VALUES (%(id)s, %(host)s, %(pid)s, %(started_at)s, now(), %(listener_connected)s,
+        %(listener_reconnects)s, %(waiting)s, %(rate_429)s, %(rate_503)s)
+ON CONFLICT (id) DO UPDATE
+SET seen_at = now(), listener_connected = excluded.listener_connected,
+    listener_reconnects = excluded.listener_reconnects, waiting = excluded.waiting,
+    rate_429 = excluded.rate_429, rate_503 = excluded.rate_503;
+
+-- name: list_processes
+-- Every process heard from in the last day, with how long ago (the database's
+-- clock, not the hosts').
+SELECT id, host, pid, started_at, extract(epoch FROM now() - seen_at)::float8 AS silent_for,
+       listener_connected, listener_reconnects, waiting, rate_429, rate_503
+FROM pix_process ORDER BY host, pid;
+
+-- name: queued_by_ispb
+-- Queued messages per ISPB and the oldest one's insertion time: an
+-- index-only scan of pix_message_queued_idx (queued rows only), then one
+-- primary-key probe per ISPB for the oldest row's inserted_at (a scalar
+-- subquery, so never a join that could read the table).
+SELECT q.recipient_ispb, q.queued,
+       (SELECT m.inserted_at FROM pix_message m WHERE m.id = q.oldest_id) AS oldest
+FROM (
+    SELECT recipient_ispb, count(*) AS queued, min(id) AS oldest_id
+    FROM pix_message WHERE pull_id IS NULL
+    GROUP BY recipient_ispb
+) q;
+
+-- name: in_flight_by_ispb
+-- Delivered but unconfirmed messages per ISPB: the batches held by open
+-- streams (their current pull, unconfirmed). LATERAL with an aggregate:
+-- per open stream, one probe of pix_pull's key and one of the pull index,
+-- never a walk of either (they hold the whole collected history until the
+-- retention removes it).
+SELECT s.ispb, sum(b.n)::bigint AS in_flight, min(b.oldest) AS oldest
+FROM pix_stream s
+CROSS JOIN LATERAL (
+    SELECT count(*) AS n, min(m.inserted_at) AS oldest
+    FROM pix_pull p JOIN pix_message m ON m.pull_id = p.id
+    WHERE p.id = s.current_pull AND p.confirmed_at IS NULL AND p.size > 0
+) b
+WHERE s.closed_at IS NULL AND b.n > 0
+GROUP BY s.ispb;
+
+-- name: open_streams_by_ispb
+SELECT ispb, count(*) AS open, max(last_seen_at) AS last_seen
+FROM pix_stream WHERE closed_at IS NULL
+GROUP BY ispb;
+
+-- name: recent_activity_by_ispb
+-- The last %(seconds)s of deliveries per ISPB, from the pulls issued since:
+-- messages delivered, messages given back (a batch never confirmed whose
+-- stream closed or moved on: it went back to the queue to be redelivered),
+-- and the latest delivery.
+SELECT s.ispb,
+       sum(p.size) AS delivered,
+       coalesce(sum(p.size) FILTER (WHERE p.confirmed_at IS NULL
+                                    AND (s.closed_at IS NOT NULL OR s.current_pull <> p.id)),
+                0) AS given_back,
+       max(p.issued_at) AS last_delivery
+FROM pix_pull p JOIN pix_stream s ON s.id = p.stream_id
+WHERE p.issued_at > now() - make_interval(secs => %(seconds)s) AND p.size > 0
+GROUP BY s.ispb;
+
+-- name: inserted_per_bucket
+-- Messages inserted per %(bucket)s-second bucket over the last %(seconds)s,
+-- through the BRIN index on inserted_at (the newest pages only).
+SELECT floor(extract(epoch FROM now() - inserted_at) / %(bucket)s)::int AS ago, count(*)
+FROM pix_message
+WHERE inserted_at > now() - make_interval(secs => %(seconds)s)
+GROUP BY 1;
+
+-- name: pulls_per_bucket
+-- Messages delivered and confirmed per bucket, from the pulls issued over the
+-- window (and a minute before it, for the confirmations of those).
+SELECT ago, sum(delivered)::bigint, sum(confirmed)::bigint FROM (
+    SELECT floor(extract(epoch FROM now() - issued_at) / %(bucket)s)::int AS ago,
+           size AS delivered, 0 AS confirmed
+    FROM pix_pull
+    WHERE issued_at > now() - make_interval(secs => %(seconds)s) AND size > 0
+    UNION ALL
+    SELECT floor(extract(epoch FROM now() - confirmed_at) / %(bucket)s)::int, 0, size
+    FROM pix_pull
+    WHERE issued_at > now() - make_interval(secs => %(seconds)s + 60)
+      AND confirmed_at > now() - make_interval(secs => %(seconds)s) AND size > 0
+) flows
+GROUP BY ago;
+
+-- name: open_streams_of_ispb
+-- One institution's open streams, with the batch each holds (its current
+-- pull's size while unconfirmed).
+SELECT s.id, s.current_pull, s.opened_at, s.last_seen_at, s.opened_by,
+       coalesce((SELECT p.size FROM pix_pull p
+                 WHERE p.id = s.current_pull AND p.confirmed_at IS NULL), 0) AS held
+FROM pix_stream s
+WHERE s.ispb = %(ispb)s AND s.closed_at IS NULL
+ORDER BY s.opened_at, s.id;
+
+-- name: closed_streams_of_ispb
+-- One institution's latest closed streams, newest first, with the batch each
+-- gave back (its current pull, never confirmed).
+SELECT s.id, s.current_pull, s.opened_at, s.closed_at, s.close_reason, s.opened_by,
+       coalesce((SELECT p.size FROM pix_pull p
+                 WHERE p.id = s.current_pull AND p.confirmed_at IS NULL), 0) AS given_back
+FROM pix_stream s
+WHERE s.ispb = %(ispb)s AND s.closed_at IS NOT NULL
+ORDER BY s.closed_at DESC
+LIMIT %(limit)s;
+
+-- name: expire_stream
+-- An administrator closes one stream (the console): the same as an expiry
+-- (expire_idle_streams_of_ispb) for one stream, whatever its last request.
+-- Its unconfirmed batch goes back to the queue; its client's next request
+-- answers 410. Waits for the row lock (bounded by lock_timeout): the stream
+-- may be serving a read right now.
+WITH target AS (
+    SELECT id FROM pix_stream
+    WHERE id = %(stream_id)s AND ispb = %(ispb)s AND closed_at IS NULL
+    FOR UPDATE
+), expired AS (
+    UPDATE pix_stream s SET closed_at = now(), close_reason = 'expired'
+    FROM target WHERE s.id = target.id
+    RETURNING s.id, s.ispb, s.current_pull
+), released AS (
+    UPDATE pix_message m SET pull_id = NULL
+    FROM expired e JOIN pix_pull p ON p.id = e.current_pull AND p.confirmed_at IS NULL
+    WHERE m.pull_id = e.current_pull
+    RETURNING e.id AS stream_id
+)
+SELECT e.id, e.ispb, count(r.stream_id) AS released
+FROM expired e LEFT JOIN released r ON r.stream_id = e.id
+GROUP BY e.id, e.ispb;
