@@ -103,6 +103,7 @@ def own_pg() -> Iterator[tuple[EmbeddedPostgres, str]]:
 
 
 @pytest.mark.faults
+@pytest.mark.once  # its own embedded PostgreSQL, whichever the suite's
 def test_conservation_while_workers_die_the_database_restarts_and_answers_are_cut(own_pg):
     pg, url = own_pg
     # Streams outlive the outage, so that nothing needs to expire meanwhile.

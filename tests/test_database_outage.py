@@ -26,7 +26,7 @@ from conftest import Server
 from httpclient import HttpClient, Reply
 from problems import assert_problem
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.once]
 
 WINDOW = 3.0
 # Far longer than outage plus recovery, so that no stream expires meanwhile.

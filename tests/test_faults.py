@@ -597,6 +597,7 @@ class Producer(threading.Thread):
             conn.close()
 
 
+@pytest.mark.once  # its own embedded PostgreSQL, whichever the suite's
 def test_database_restart_answers_503_then_recovers_and_loses_nothing(own_postgres, monkeypatch):
     pg, url = own_postgres
     name = f"pixstream-fault-{secrets.token_hex(4)}"
@@ -676,6 +677,7 @@ def probe_readyz(base: str) -> int:
         client.close()
 
 
+@pytest.mark.once  # its own embedded PostgreSQL, whichever the suite's
 def test_database_back_after_a_long_outage_is_used_within_5_s(own_postgres):
     pg, url = own_postgres
     server = Server(url, workers=1)
