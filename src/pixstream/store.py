@@ -30,7 +30,6 @@ class StreamRow:
     close_reason: str | None  # None while open; "deleted" or "expired"
     closed_by_pull: str | None  # the id a DELETE closed it with
     idle: bool
-    current_confirmed: bool
     idle_in_ispb: bool  # some open stream of the ISPB (this one too) is past its idle window
 
 

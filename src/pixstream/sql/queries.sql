@@ -42,15 +42,10 @@ VALUES (%(pull)s, %(stream_id)s, %(size)s, CASE WHEN %(confirmed)s THEN now() EN
 -- a retry overlapping the request it repeats, which had just moved the
 -- stream on, find no row: an id the service issued answered 404. So the
 -- statement reads one table: the stream, found through its pull's stream_id,
--- which never changes. Whether the current pull is confirmed is a scalar
--- subquery, evaluated for the locked (newest) version of the row but with
--- this statement's snapshot: a pull committed after the statement began
--- reads as not confirmed, and the caller then runs the confirmation, a new
--- statement that sees it and does nothing twice.
+-- which never changes. The read's next statement (confirm_claim_advance)
+-- confirms and claims, and sees every row committed before it began.
 SELECT s.id, s.ispb, s.current_pull, s.replay_pull, s.close_reason, s.closed_by_pull,
        s.last_seen_at < now() - make_interval(secs => %(idle_seconds)s) AS idle,
-       coalesce((SELECT p.confirmed_at IS NOT NULL FROM pix_pull p WHERE p.id = s.current_pull),
-                false) AS current_confirmed,
        -- Whether a lazy expiry would find anything: a read runs that statement
        -- only then (now() is the transaction's, so both agree).
        EXISTS (SELECT FROM pix_stream o
