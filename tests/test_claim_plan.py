@@ -324,7 +324,6 @@ def test_prepared_sweep_reads_only_open_streams(conn: psycopg.Connection) -> Non
             "pix_stream_idempotency_key_idx",
         ),
         ("confirm_pull", {"pull": "histpull00000001"}, "pix_pull", "pix_pull_pkey"),
-        ("has_queued_messages", {"ispb": ISPBS[0]}, "pix_message", "pix_message_queued_idx"),
         ("batch_documents", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
         ("release_pull", {"pull": "histpull00000001"}, "pix_message", "pix_message_pull_idx"),
         (
