@@ -76,16 +76,16 @@ def test_an_exception_in_the_wake_up_path_costs_a_reconnect_not_the_listener(
     broken, other = new_ispb(), new_ispb()
 
     # Break exactly one waiter's wake-up, once; every other Wakeup is untouched.
-    original_messages = Wakeup.messages
+    original_set = Wakeup.set
     raised = threading.Event()
 
-    def messages_or_raise(self: Wakeup) -> None:
+    def set_or_raise(self: Wakeup) -> None:
         if self is doomed and not raised.is_set():
             raised.set()
             raise RuntimeError("injected into the wake-up path")
-        original_messages(self)
+        original_set(self)
 
-    monkeypatch.setattr(Wakeup, "messages", messages_or_raise)
+    monkeypatch.setattr(Wakeup, "set", set_or_raise)
     caplog.set_level(logging.ERROR, logger="pixstream.listener")
 
     with listener.subscribe(broken) as doomed, listener.subscribe(other) as bystander:
@@ -125,7 +125,7 @@ def test_an_exception_in_the_wake_up_path_costs_a_reconnect_not_the_listener(
 
         # And push works as before: the next insert wakes its waiter at once.
         for wakeup, ispb in ((bystander, other), (doomed, broken)):
-            wakeup.take()
+            wakeup.clear()
             started = time.monotonic()
             insert_messages(db, ispb, 1)
             assert wakeup.wait(1), f"no wake-up for {ispb} after the reconnect"

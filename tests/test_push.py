@@ -162,61 +162,6 @@ def test_waiting_collector_is_woken_by_an_insert_through_another_instance(
     assert max(latencies) < MAX_WAKEUP_SECONDS, latencies
 
 
-def test_a_wakeup_whose_messages_were_taken_writes_nothing(make_app, db) -> None:
-    """Every process's waiters of an ISPB hear each notification; most find its
-    messages claimed by another stream. Such a waiter checks, read-only, and
-    waits on: no claim transaction (no stream update, no WAL flush)."""
-    from prometheus_client import REGISTRY
-
-    def sample(name: str) -> float:
-        return REGISTRY.get_sample_value(name) or 0.0
-
-    app = make_app(LONG_POLL_SECONDS=3)
-    with app.app_context():
-        listener = runtime().listener
-    assert listener.wait_connected(5)
-    ispb = new_ispb()
-    client = app.test_client()
-    insert_messages(db, ispb, 1)
-    pull_next = client.get(f"/api/pix/{ispb}/stream/start").headers["Pull-Next"]
-    with ThreadPoolExecutor(1) as pool:
-        reply = pool.submit(client.get, pull_next)
-        # Waiting, its first claim done (it subscribes before that claim).
-        wait_for(
-            lambda: sample("pixstream_waiting_requests") >= 1, timeout=5, what="the read to wait"
-        )
-        claims = sample("pixstream_claim_duration_seconds_count")
-        idle_wakeups = sample("pixstream_wakeups_without_messages_total")
-        # Another stream takes the message in the very transaction that inserts
-        # it: the notification arrives with nothing left to claim.
-        with db.transaction():
-            copy_rows(db, message_rows(ispb, 1))
-            (stream_id,) = db.execute(
-                "INSERT INTO pix_stream (ispb, current_pull, start_pull)"
-                " VALUES (%s, 'takenpull00000000000000001', 'takenpull00000000000000001')"
-                " RETURNING id",
-                (ispb,),
-            ).fetchone()
-            db.execute(
-                "INSERT INTO pix_pull (id, stream_id, size) VALUES"
-                " ('takenpull00000000000000001', %s, 1)",
-                (stream_id,),
-            )
-            db.execute(
-                "UPDATE pix_message SET pull_id = 'takenpull00000000000000001'"
-                " WHERE recipient_ispb = %s AND pull_id IS NULL",
-                (ispb,),
-            )
-        wait_for(
-            lambda: sample("pixstream_wakeups_without_messages_total") > idle_wakeups,
-            timeout=5, what="the woken read to check and find nothing",
-        )  # fmt: skip
-        assert sample("pixstream_claim_duration_seconds_count") == claims
-        answer = reply.result(timeout=10)
-    assert answer.status_code == 204, answer.data
-    assert answer.headers["Pull-Next"] == pull_next  # it waited on, then 204
-
-
 def test_commit_between_the_empty_claim_and_the_wait_is_not_lost(
     make_app, database_url, monkeypatch
 ):

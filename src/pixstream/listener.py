@@ -95,43 +95,23 @@ Mark = tuple[int, int]
 
 
 class Wakeup:
-    """What a waiting read sleeps on; remembers when it was last woken, and why.
+    """What a waiting read sleeps on; remembers when it was last woken."""
 
-    Two kinds of wake-up: ``messages()`` says the ISPB may have new messages
-    (a notification, or the reconnect scan), and the read may check for
-    queued rows before it claims, since every process's waiters of the ISPB
-    hear the same notification and most find the rows claimed already;
-    ``set()`` says something else changed (its stream was closed, a newer
-    request released it, shutdown), and the read must claim or answer.
-    """
-
-    __slots__ = ("_demanded", "_event", "_lock", "woken_at")
+    __slots__ = ("_event", "woken_at")
 
     def __init__(self) -> None:
         self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._demanded = False
         self.woken_at = 0.0
 
     def set(self) -> None:
-        with self._lock:
-            self._demanded = True
-        self.woken_at = time.monotonic()
-        self._event.set()
-
-    def messages(self) -> None:
         self.woken_at = time.monotonic()
         self._event.set()
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
 
-    def take(self) -> bool:
-        """Clear the wake-up (a later one must wake again); whether a set() demanded a claim."""
+    def clear(self) -> None:
         self._event.clear()
-        with self._lock:
-            demanded, self._demanded = self._demanded, False
-        return demanded
 
 
 class Listener:
@@ -289,7 +269,7 @@ class Listener:
             self._notified[ispb] += 1
             events = list(self._waiters.get(ispb, ()))
         for event in events:
-            event.messages()
+            event.set()
 
     def _wake_all(self) -> None:
         with self._lock:

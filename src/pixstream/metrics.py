@@ -81,11 +81,6 @@ POOL_WAITING = Gauge(
     "Requests waiting for a pooled connection.",
     multiprocess_mode="livesum",
 )
-WAKEUPS_WITHOUT_MESSAGES = Counter(
-    "pixstream_wakeups_without_messages",
-    "Long polls woken by a notification whose messages other streams had claimed:"
-    " a read-only check, no claim, and the poll waits on.",
-)
 WAKEUP_CLAIM_FAILURES = Counter(
     "pixstream_wakeup_claim_failures",
     "Claims of woken long polls that failed (database busy or unavailable): the read"

@@ -147,10 +147,6 @@ def confirm_claim_advance(
     return Read(Claimed(documents, redelivered), int(rows[0][2] or 0))
 
 
-def has_queued_messages(conn: psycopg.Connection, ispb: str) -> bool:
-    return bool(_run(conn, "has_queued_messages", {"ispb": ispb}).fetchone()[0])
-
-
 def batch_documents(conn: psycopg.Connection, pull: str) -> list[str]:
     return [doc for (doc,) in _run(conn, "batch_documents", {"pull": pull})]
 

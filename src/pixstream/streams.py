@@ -593,13 +593,7 @@ class StreamService:
                 # stream closed meanwhile): the empty claim still stands.
                 # Otherwise notifications may be lost: re-check once.
                 break
-            demanded = wakeup.take()  # before the claim: a later insert must wake us again
-            if woken and not demanded and not self._messages_queued(ispb, deadline):
-                # A notification whose messages were claimed already (each
-                # process's waiters of the ISPB hear it): wait on, having
-                # written nothing. A message given back is notified again.
-                metrics.WAKEUPS_WITHOUT_MESSAGES.inc()
-                continue
+            wakeup.clear()  # before the claim: a later insert must wake us again
             # On a wake-up, claim; at the end of a window in which the
             # listener reconnected, re-check once: notifications were lost.
             try:
@@ -629,17 +623,6 @@ class StreamService:
             if not woken:
                 break
         return delivery
-
-    def _messages_queued(self, ispb: str, deadline: float) -> bool:
-        """Whether ``ispb`` has queued messages; True when the check fails (the claim decides)."""
-        try:
-            with (
-                self._slot(WOKEN, self._time_limit(deadline)),
-                db.transaction(self._pool, timeout=self._time_limit(deadline)) as conn,
-            ):
-                return store.has_queued_messages(conn, ispb)
-        except (DatabaseUnavailable, Overloaded):
-            return True
 
     def _queue_limit(self, deadline: float, *, first: bool) -> float:
         """How long a long poll may queue (for its id's or ISPB's turn, for a slot).

@@ -114,16 +114,6 @@ SELECT c.document, c.redelivered, (SELECT size FROM confirmed) AS confirmed
 FROM (SELECT) AS one LEFT JOIN claimed c ON true
 ORDER BY c.id;
 
--- name: has_queued_messages
--- Whether a woken read has anything to claim: read-only, so a read woken by a
--- notification whose messages another stream took already (every process's
--- waiters of the ISPB hear it) costs no write and no WAL flush. The ISPB as a
--- range, as in confirm_claim_advance: the queued index, whatever the plan.
-SELECT EXISTS (
-    SELECT FROM pix_message
-    WHERE recipient_ispb >= %(ispb)s AND recipient_ispb <= %(ispb)s AND pull_id IS NULL
-);
-
 -- name: batch_documents
 SELECT pix_message_document(m) FROM pix_message m WHERE m.pull_id = %(pull)s ORDER BY m.id;
 
