@@ -69,12 +69,12 @@ RETURNING size;
 -- when nothing was claimed, supersede the replay: older ids answer 410 from
 -- now on, and idleness counts from the end of the answer, which a long poll
 -- gives answer_in seconds on. The caller holds the stream's row lock
--- (lock_stream_by_pull). A data-modifying
--- CTE sees none of the others' changes, only what they return: the stream's
--- update reads the claim's count through "tally". The pull row is inserted in
--- the same statement as the messages that point to it, which the deferred
--- foreign key allows. One row comes back even when nothing was claimed (its
--- document is NULL), to carry the count of messages confirmed.
+-- (lock_stream_by_pull). A data-modifying CTE sees none of the others'
+-- changes, only what they return: the stream's update reads the claim's
+-- count through "tally". The pull row is inserted in the same statement as
+-- the messages that point to it, which the deferred foreign key allows. One
+-- row comes back even when nothing was claimed (its document is NULL), to
+-- carry the count of messages confirmed.
 WITH confirmed AS (
     UPDATE pix_pull SET confirmed_at = now()
     WHERE id = %(used)s AND confirmed_at IS NULL
