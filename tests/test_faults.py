@@ -1263,7 +1263,7 @@ def test_graceful_deploy_answers_waiters_at_once_and_continues_elsewhere(start_s
 
 def test_chaos_soak_ci_sized(server_url):
     """bench/soak.py, small: misbehaving collectors, killed workers and listeners."""
-    seconds = os.environ.get("PIXSTREAM_SOAK_SECONDS", "20")
+    seconds = os.environ.get("PIXSTREAM_SOAK_SECONDS", "12")
     env = {k: v for k, v in os.environ.items() if k != "PGAPPNAME"}
     env["DATABASE_URL"] = server_url  # the soak makes a scratch database on this server
     command = [

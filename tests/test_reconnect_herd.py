@@ -60,7 +60,9 @@ WINDOW = 20.0
 # from the client, a start may also have queued up to QUEUED before the
 # server took it up (the clients pace their starts, but a CI machine stalls).
 EARLY, LATE, QUEUED = 0.05, 1.0, 1.0
-MAX_DELIVERY_SECONDS = 0.1
+# Both messages arrive in 5-17 ms on a quiet machine, about 100 ms in a CI run
+# on a slower one; a herd of re-checks after the reconnect takes seconds.
+MAX_DELIVERY_SECONDS = 0.25
 
 # The clients. Requests go out while at most IN_FLIGHT of them are unprocessed
 # (neither waiting on the server nor answered, as its /metrics says): sent all
