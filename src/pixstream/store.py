@@ -476,6 +476,13 @@ def closed_streams_of_ispb(conn: psycopg.Connection, ispb: str, limit: int) -> l
 
 
 def expire_stream(conn: psycopg.Connection, ispb: str, stream_id: int) -> ExpiredStream | None:
-    """Close one open stream of ``ispb`` as an expiry would; None when it is not open."""
-    row = _run(conn, "expire_stream", {"ispb": ispb, "stream_id": stream_id}).fetchone()
+    """Close one open stream of ``ispb`` as an expiry would; None when it is not open.
+
+    Two statements: the lock, then the expiry, which then sees the stream's
+    current pull as it is once locked (see lock_open_stream).
+    """
+    params = {"ispb": ispb, "stream_id": stream_id}
+    if _run(conn, "lock_open_stream", params).fetchone() is None:
+        return None
+    row = _run(conn, "expire_stream", params).fetchone()
     return None if row is None else ExpiredStream(int(row[0]), row[1], int(row[2]))

@@ -533,12 +533,21 @@ WHERE s.ispb = %(ispb)s AND s.closed_at IS NOT NULL
 ORDER BY s.closed_at DESC
 LIMIT %(limit)s;
 
+-- name: lock_open_stream
+-- Lock first, then read: expire_stream runs after this, as a statement of its
+-- own, so that its release reads the pull that is current once the lock is
+-- held. Waiting for the lock inside it, a read that moved the stream on
+-- meanwhile would leave the new batch bound to the closed stream. Waits for
+-- the row lock (bounded by lock_timeout): the stream may be serving a read.
+SELECT id FROM pix_stream
+WHERE id = %(stream_id)s AND ispb = %(ispb)s AND closed_at IS NULL
+FOR UPDATE;
+
 -- name: expire_stream
 -- An administrator closes one stream (the console): the same as an expiry
 -- (expire_idle_streams_of_ispb) for one stream, whatever its last request.
 -- Its unconfirmed batch goes back to the queue; its client's next request
--- answers 410. Waits for the row lock (bounded by lock_timeout): the stream
--- may be serving a read right now.
+-- answers 410. Run holding the lock taken by lock_open_stream.
 WITH target AS (
     SELECT id FROM pix_stream
     WHERE id = %(stream_id)s AND ispb = %(ispb)s AND closed_at IS NULL
